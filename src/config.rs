@@ -1,1 +1,549 @@
-//! config (in progress)
+//! Reads `agentchatd.toml` and turns it into a validated [`Config`].
+//!
+//! The file is parsed into private serde structs that refuse unknown keys, then checked field by
+//! field. Every error names the offending key and, where the file has one, its line, so an
+//! operator can fix it without reading code. Secrets never live in the file: the API key comes
+//! from a file path or an environment variable, and is read only when the daemon starts.
+
+use std::fmt;
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+use toml::Spanned;
+
+/// Default per-call time budget of a plugin hook.
+const DEFAULT_PLUGIN_TIMEOUT_MS: u64 = 200;
+/// Default memory cap of one plugin instance.
+const DEFAULT_PLUGIN_MEMORY_MIB: u64 = 32;
+/// Default pause between two `/v1/messages/sync` polls when the inbox is idle.
+const DEFAULT_POLL_INTERVAL_MS: u64 = 2_000;
+/// Default ceiling on the requests the daemon makes per second (the platform allows 60).
+const DEFAULT_REQUESTS_PER_SECOND: u32 = 60;
+
+/// A configuration problem, with the key and line that caused it.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        /// The file that was read.
+        path: PathBuf,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// The file is not valid TOML, or has an unknown or mistyped key.
+    #[error("{path}: {message}")]
+    Parse {
+        /// The file that was parsed.
+        path: PathBuf,
+        /// The parser's message, which names the key and shows the line.
+        message: String,
+    },
+    /// A key has a value the daemon cannot use.
+    #[error("{path}:{line}: `{key}`: {message}")]
+    Invalid {
+        /// The file that was parsed.
+        path: PathBuf,
+        /// 1-based line of the value, or 0 when the key is missing altogether.
+        line: usize,
+        /// The dotted key, such as `agent.api_base`.
+        key: String,
+        /// What is wrong and how to fix it.
+        message: String,
+    },
+    /// The API key could not be loaded from where the config points.
+    #[error("cannot load the API key: {0}")]
+    ApiKey(String),
+}
+
+/// How the daemon receives its inbox.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Transport {
+    /// The live WebSocket `/v1/ws`.
+    Websocket,
+    /// Polling `GET /v1/messages/sync`.
+    Poll,
+    /// The WebSocket, falling back to polling when the server does not offer one.
+    Auto,
+}
+
+/// Where the API key comes from.
+#[derive(Clone, PartialEq, Eq)]
+pub enum KeySource {
+    /// A file holding the key (surrounding whitespace is ignored).
+    File(PathBuf),
+    /// An environment variable holding the key.
+    Env(String),
+}
+
+impl fmt::Debug for KeySource {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::File(path) => write!(f, "file {}", path.display()),
+            Self::Env(name) => write!(f, "environment variable {name}"),
+        }
+    }
+}
+
+/// An API key. Its `Debug` output is redacted so it cannot leak into logs.
+#[derive(Clone, PartialEq, Eq)]
+pub struct ApiKey(String);
+
+impl ApiKey {
+    /// Wraps a key.
+    pub fn new(key: impl Into<String>) -> Self {
+        Self(key.into())
+    }
+
+    /// The key itself, for the Authorization header and the HELLO frame only.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for ApiKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("ApiKey(<redacted>)")
+    }
+}
+
+impl KeySource {
+    /// Reads the key.
+    ///
+    /// # Errors
+    /// When the file or variable is missing or empty, or holds something that cannot be a key.
+    pub fn load(&self) -> Result<ApiKey, ConfigError> {
+        let raw = match self {
+            Self::File(path) => std::fs::read_to_string(path).map_err(|err| {
+                ConfigError::ApiKey(format!(
+                    "cannot read key file {}: {err}; write the agent's API key into it",
+                    path.display()
+                ))
+            })?,
+            Self::Env(name) => std::env::var(name).map_err(|_| {
+                ConfigError::ApiKey(format!(
+                    "environment variable {name} is not set; export the agent's API key in it"
+                ))
+            })?,
+        };
+        let key = raw.trim();
+        if key.is_empty() {
+            return Err(ConfigError::ApiKey(format!("{self:?} is empty")));
+        }
+        if key.chars().any(|c| c.is_whitespace() || c.is_control()) {
+            return Err(ConfigError::ApiKey(format!(
+                "{self:?} holds whitespace inside the key; it must hold the key alone"
+            )));
+        }
+        Ok(ApiKey::new(key))
+    }
+}
+
+/// One plugin the operator enabled, in priority order.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PluginConfig {
+    /// Short name used in logs and in reply ids.
+    pub id: String,
+    /// The compiled WASM component.
+    pub path: PathBuf,
+    /// Time budget of one hook call.
+    pub timeout: Duration,
+    /// Memory cap of one plugin instance, in bytes.
+    pub memory_limit_bytes: usize,
+    /// The plugin's own settings, handed to it as JSON.
+    pub config_json: String,
+}
+
+/// The validated daemon configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Base URL of the AgentChat API, without a trailing slash (`https://api.agentchat.me`).
+    pub api_base: String,
+    /// WebSocket URL of the inbox (`wss://…/v1/ws`), derived from `api_base` unless set.
+    pub ws_url: String,
+    /// Where the API key comes from.
+    pub api_key: KeySource,
+    /// Directory for the daemon's SQLite state and plugin cache.
+    pub state_dir: PathBuf,
+    /// How the inbox is received.
+    pub transport: Transport,
+    /// Pause between polls when the inbox is idle.
+    pub poll_interval: Duration,
+    /// Ceiling on API requests per second made by this daemon.
+    pub requests_per_second: u32,
+    /// Plugins in priority order (first runs first).
+    pub plugins: Vec<PluginConfig>,
+    /// Log output as JSON lines instead of plain text.
+    pub log_json: bool,
+}
+
+// === raw file shape ===
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    agent: Spanned<RawAgent>,
+    #[serde(default)]
+    state: Option<Spanned<RawState>>,
+    #[serde(default)]
+    inbox: Option<RawInbox>,
+    #[serde(default)]
+    outbox: Option<RawOutbox>,
+    #[serde(default)]
+    log: Option<RawLog>,
+    #[serde(default)]
+    plugins: Vec<Spanned<RawPlugin>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAgent {
+    api_base: Spanned<String>,
+    #[serde(default)]
+    ws_url: Option<Spanned<String>>,
+    #[serde(default)]
+    api_key_file: Option<Spanned<String>>,
+    #[serde(default)]
+    api_key_env: Option<Spanned<String>>,
+    #[serde(default)]
+    api_key: Option<Spanned<toml::Value>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawState {
+    dir: Spanned<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawInbox {
+    #[serde(default)]
+    transport: Option<Transport>,
+    #[serde(default)]
+    poll_interval_ms: Option<Spanned<u64>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawOutbox {
+    #[serde(default)]
+    requests_per_second: Option<Spanned<u32>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawLog {
+    #[serde(default)]
+    format: Option<Spanned<String>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPlugin {
+    id: Spanned<String>,
+    path: Spanned<String>,
+    #[serde(default)]
+    timeout_ms: Option<Spanned<u64>>,
+    #[serde(default)]
+    memory_mib: Option<Spanned<u64>>,
+    #[serde(default)]
+    config: Option<toml::Table>,
+}
+
+/// Reads and validates a config file. Relative paths in it are taken from the file's folder.
+///
+/// # Errors
+/// When the file cannot be read or any key is missing, unknown or invalid.
+pub fn load(path: &Path) -> Result<Config, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    parse(&text, path)
+}
+
+/// Validates config text; `path` is used for error messages and to resolve relative paths.
+///
+/// # Errors
+/// When any key is missing, unknown or invalid.
+pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
+    let raw: RawConfig = toml::from_str(text).map_err(|err| ConfigError::Parse {
+        path: path.to_path_buf(),
+        message: err.to_string().trim_end().to_owned(),
+    })?;
+    let ctx = Ctx { text, path };
+    let base_dir = path.parent().unwrap_or(Path::new("."));
+
+    let agent_span = raw.agent.span();
+    let agent = raw.agent.into_inner();
+    if let Some(inline) = &agent.api_key {
+        return Err(ctx.invalid(
+            "agent.api_key",
+            inline.span(),
+            "keys are not accepted inline; put the key in a file and set `api_key_file`, \
+             or in an environment variable named by `api_key_env`",
+        ));
+    }
+    let api_base = ctx.http_url("agent.api_base", &agent.api_base)?;
+    let ws_url = match &agent.ws_url {
+        Some(url) => ctx.ws_url("agent.ws_url", url)?,
+        None => derive_ws_url(&api_base),
+    };
+    let api_key = match (&agent.api_key_file, &agent.api_key_env) {
+        (Some(file), None) => {
+            ctx.non_empty("agent.api_key_file", file)?;
+            KeySource::File(resolve(base_dir, file.get_ref()))
+        }
+        (None, Some(env)) => {
+            ctx.non_empty("agent.api_key_env", env)?;
+            KeySource::Env(env.get_ref().clone())
+        }
+        (Some(file), Some(_)) => {
+            return Err(ctx.invalid(
+                "agent.api_key_file",
+                file.span(),
+                "set only one of `api_key_file` and `api_key_env`",
+            ));
+        }
+        (None, None) => {
+            return Err(ctx.invalid(
+                "agent.api_key_file",
+                agent_span,
+                "the [agent] table needs `api_key_file` (a file holding the key) or \
+                 `api_key_env` (an environment variable holding it)",
+            ));
+        }
+    };
+
+    let state_dir = match &raw.state {
+        Some(state) => {
+            let dir = &state.get_ref().dir;
+            ctx.non_empty("state.dir", dir)?;
+            resolve(base_dir, dir.get_ref())
+        }
+        None => return Err(ctx.missing("state.dir", "add a [state] table with `dir = \"…\"`")),
+    };
+
+    let inbox = raw.inbox.unwrap_or(RawInbox {
+        transport: None,
+        poll_interval_ms: None,
+    });
+    let poll_interval_ms = match &inbox.poll_interval_ms {
+        Some(ms) => ctx.in_range("inbox.poll_interval_ms", ms, 50, 3_600_000)?,
+        None => DEFAULT_POLL_INTERVAL_MS,
+    };
+    let requests_per_second = match raw.outbox.and_then(|o| o.requests_per_second) {
+        Some(rps) => {
+            let value = ctx.in_range("outbox.requests_per_second", &rps, 1, 1_000)?;
+            u32::try_from(value).unwrap_or(u32::MAX)
+        }
+        None => DEFAULT_REQUESTS_PER_SECOND,
+    };
+    let log_json = match raw.log.and_then(|l| l.format) {
+        Some(format) => match format.get_ref().as_str() {
+            "plain" => false,
+            "json" => true,
+            _ => {
+                return Err(ctx.invalid(
+                    "log.format",
+                    format.span(),
+                    "must be \"plain\" or \"json\"",
+                ));
+            }
+        },
+        None => false,
+    };
+
+    let mut plugins: Vec<PluginConfig> = Vec::with_capacity(raw.plugins.len());
+    for plugin in &raw.plugins {
+        let plugin = ctx.plugin(plugin.get_ref(), base_dir)?;
+        if plugins.iter().any(|p| p.id == plugin.id) {
+            let span = raw
+                .plugins
+                .iter()
+                .rev()
+                .find(|p| p.get_ref().id.get_ref() == &plugin.id)
+                .map_or(0..0, |p| p.get_ref().id.span());
+            return Err(ctx.invalid("plugins.id", span, "plugin ids must be unique"));
+        }
+        plugins.push(plugin);
+    }
+
+    Ok(Config {
+        api_base,
+        ws_url,
+        api_key,
+        state_dir,
+        transport: inbox.transport.unwrap_or(Transport::Auto),
+        poll_interval: Duration::from_millis(poll_interval_ms),
+        requests_per_second,
+        plugins,
+        log_json,
+    })
+}
+
+/// Turns `http(s)://host` into `ws(s)://host/v1/ws`, as the platform's integrations do.
+pub fn derive_ws_url(api_base: &str) -> String {
+    let rest = api_base
+        .strip_prefix("https://")
+        .map(|rest| format!("wss://{rest}"))
+        .or_else(|| {
+            api_base
+                .strip_prefix("http://")
+                .map(|rest| format!("ws://{rest}"))
+        })
+        .unwrap_or_else(|| api_base.to_owned());
+    format!("{rest}/v1/ws")
+}
+
+fn resolve(base_dir: &Path, value: &str) -> PathBuf {
+    let path = Path::new(value);
+    if path.is_absolute() {
+        path.to_path_buf()
+    } else {
+        base_dir.join(path)
+    }
+}
+
+/// Error-building context: the text (to turn spans into lines) and the file name.
+struct Ctx<'a> {
+    text: &'a str,
+    path: &'a Path,
+}
+
+impl Ctx<'_> {
+    fn line_of(&self, span: Range<usize>) -> usize {
+        let end = span.start.min(self.text.len());
+        self.text.as_bytes()[..end]
+            .iter()
+            .filter(|b| **b == b'\n')
+            .count()
+            + 1
+    }
+
+    fn invalid(&self, key: &str, span: Range<usize>, message: &str) -> ConfigError {
+        ConfigError::Invalid {
+            path: self.path.to_path_buf(),
+            line: self.line_of(span),
+            key: key.to_owned(),
+            message: message.to_owned(),
+        }
+    }
+
+    fn missing(&self, key: &str, message: &str) -> ConfigError {
+        ConfigError::Invalid {
+            path: self.path.to_path_buf(),
+            line: 0,
+            key: key.to_owned(),
+            message: format!("missing; {message}"),
+        }
+    }
+
+    fn non_empty(&self, key: &str, value: &Spanned<String>) -> Result<(), ConfigError> {
+        if value.get_ref().trim().is_empty() {
+            return Err(self.invalid(key, value.span(), "must not be empty"));
+        }
+        Ok(())
+    }
+
+    fn in_range(
+        &self,
+        key: &str,
+        value: &Spanned<impl Into<u64> + Copy>,
+        min: u64,
+        max: u64,
+    ) -> Result<u64, ConfigError> {
+        let n: u64 = (*value.get_ref()).into();
+        if !(min..=max).contains(&n) {
+            return Err(self.invalid(
+                key,
+                value.span(),
+                &format!("must be between {min} and {max}"),
+            ));
+        }
+        Ok(n)
+    }
+
+    fn http_url(&self, key: &str, value: &Spanned<String>) -> Result<String, ConfigError> {
+        let url = value.get_ref().trim().trim_end_matches('/');
+        let host = url
+            .strip_prefix("https://")
+            .or_else(|| url.strip_prefix("http://"));
+        match host {
+            Some(host) if !host.is_empty() && !host.contains(char::is_whitespace) => {
+                Ok(url.to_owned())
+            }
+            _ => Err(self.invalid(
+                key,
+                value.span(),
+                "must be an http:// or https:// URL such as \"https://api.agentchat.me\"",
+            )),
+        }
+    }
+
+    fn ws_url(&self, key: &str, value: &Spanned<String>) -> Result<String, ConfigError> {
+        let url = value.get_ref().trim();
+        let host = url
+            .strip_prefix("wss://")
+            .or_else(|| url.strip_prefix("ws://"));
+        match host {
+            Some(host) if !host.is_empty() && !host.contains(char::is_whitespace) => {
+                Ok(url.to_owned())
+            }
+            _ => Err(self.invalid(
+                key,
+                value.span(),
+                "must be a ws:// or wss:// URL such as \"wss://api.agentchat.me/v1/ws\"",
+            )),
+        }
+    }
+
+    fn plugin(&self, raw: &RawPlugin, base_dir: &Path) -> Result<PluginConfig, ConfigError> {
+        let id = raw.id.get_ref();
+        let valid_id = !id.is_empty()
+            && id.len() <= 64
+            && id
+                .chars()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-');
+        if !valid_id {
+            return Err(self.invalid(
+                "plugins.id",
+                raw.id.span(),
+                "must be 1-64 characters of a-z, 0-9 and '-'",
+            ));
+        }
+        self.non_empty("plugins.path", &raw.path)?;
+        let timeout_ms = match &raw.timeout_ms {
+            Some(ms) => self.in_range("plugins.timeout_ms", ms, 1, 60_000)?,
+            None => DEFAULT_PLUGIN_TIMEOUT_MS,
+        };
+        let memory_mib = match &raw.memory_mib {
+            Some(mib) => self.in_range("plugins.memory_mib", mib, 1, 4_096)?,
+            None => DEFAULT_PLUGIN_MEMORY_MIB,
+        };
+        let config_json = match &raw.config {
+            Some(table) => serde_json::to_string(table).map_err(|err| {
+                self.invalid(
+                    "plugins.config",
+                    raw.id.span(),
+                    &format!("cannot encode: {err}"),
+                )
+            })?,
+            None => "{}".to_owned(),
+        };
+        Ok(PluginConfig {
+            id: id.clone(),
+            path: resolve(base_dir, raw.path.get_ref()),
+            timeout: Duration::from_millis(timeout_ms),
+            memory_limit_bytes: usize::try_from(memory_mib * 1024 * 1024).unwrap_or(usize::MAX),
+            config_json,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests;

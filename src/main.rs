@@ -1,1 +1,137 @@
-fn main() {}
+//! The `agentchatd` command line: parses arguments, sets up logging and signals, and calls
+//! into the library. Exit codes: 0 stopped cleanly, 1 runtime failure, 77 credentials refused
+//! by the server, 78 configuration error.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use agentchatd::service::ServiceError;
+use agentchatd::{config, service};
+use clap::{Parser, Subcommand};
+use tokio_util::sync::CancellationToken;
+
+/// Exit code for credentials the server refused (EX_NOPERM).
+const EXIT_AUTH: u8 = 77;
+/// Exit code for a configuration error (EX_CONFIG); systemd is told not to restart on it.
+const EXIT_CONFIG: u8 = 78;
+
+#[derive(Parser)]
+#[command(name = "agentchatd", version, about = "Runs an AI agent on AgentChat")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the daemon.
+    Run {
+        /// Path of agentchatd.toml.
+        #[arg(long, short, default_value = "agentchatd.toml")]
+        config: PathBuf,
+    },
+    /// Validate a config file (and that its key can be read) and exit.
+    CheckConfig {
+        /// Path of agentchatd.toml.
+        #[arg(long, short, default_value = "agentchatd.toml")]
+        config: PathBuf,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::CheckConfig { config } => check_config(&config),
+        Command::Run { config } => run_daemon(&config),
+    }
+}
+
+fn check_config(path: &std::path::Path) -> ExitCode {
+    match config::load(path).and_then(|c| c.api_key.load().map(|_| c)) {
+        Ok(config) => {
+            println!(
+                "{}: ok ({} plugin(s), transport {:?})",
+                path.display(),
+                config.plugins.len(),
+                config.transport
+            );
+            ExitCode::SUCCESS
+        }
+        Err(err) => {
+            eprintln!("agentchatd: {err}");
+            ExitCode::from(EXIT_CONFIG)
+        }
+    }
+}
+
+fn run_daemon(path: &std::path::Path) -> ExitCode {
+    let config = match config::load(path) {
+        Ok(config) => config,
+        Err(err) => {
+            eprintln!("agentchatd: {err}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    init_logging(config.log_json);
+    let shutdown = CancellationToken::new();
+    if let Err(err) = install_signals(shutdown.clone()) {
+        eprintln!("agentchatd: cannot install signal handlers: {err}");
+        return ExitCode::FAILURE;
+    }
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(runtime) => runtime,
+        Err(err) => {
+            eprintln!("agentchatd: cannot start the async runtime: {err}");
+            return ExitCode::FAILURE;
+        }
+    };
+    tracing::info!(version = env!("CARGO_PKG_VERSION"), config = %path.display(), "starting");
+    match runtime.block_on(service::run(config, shutdown)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            tracing::error!(error = %err, "agentchatd stopped");
+            eprintln!("agentchatd: {err}");
+            match err {
+                ServiceError::Config(_) => ExitCode::from(EXIT_CONFIG),
+                ServiceError::Auth(_) => ExitCode::from(EXIT_AUTH),
+                _ => ExitCode::FAILURE,
+            }
+        }
+    }
+}
+
+fn init_logging(json: bool) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("AGENTCHATD_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if json {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}
+
+/// SIGTERM or SIGINT starts a graceful stop; a second one exits at once. Every state change is
+/// a committed SQLite transaction, so exiting mid-way loses nothing: unacknowledged messages
+/// are redelivered and queued sends resume on the next start.
+fn install_signals(shutdown: CancellationToken) -> std::io::Result<()> {
+    use signal_hook::consts::{SIGINT, SIGTERM};
+    let mut signals = signal_hook::iterator::Signals::new([SIGTERM, SIGINT])?;
+    std::thread::Builder::new()
+        .name("signals".into())
+        .spawn(move || {
+            let mut seen = 0;
+            for signal in signals.forever() {
+                seen += 1;
+                if seen > 1 {
+                    eprintln!("agentchatd: second signal {signal}, exiting now");
+                    std::process::exit(130);
+                }
+                tracing::info!(signal, "stopping");
+                shutdown.cancel();
+            }
+        })?;
+    Ok(())
+}

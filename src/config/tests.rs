@@ -1,0 +1,155 @@
+use super::*;
+
+const GOOD: &str = r#"
+[agent]
+api_base = "http://127.0.0.1:8080/"
+api_key_env = "AGENTCHAT_API_KEY"
+
+[state]
+dir = "state"
+
+[inbox]
+transport = "poll"
+poll_interval_ms = 500
+
+[[plugins]]
+id = "echo"
+path = "plugins/echo.wasm"
+timeout_ms = 50
+config = { greeting = "hi" }
+"#;
+
+fn parse_str(text: &str) -> Result<Config, ConfigError> {
+    parse(text, Path::new("/etc/agentchatd/agentchatd.toml"))
+}
+
+fn check_invalid(text: &str, key: &str, line: usize) -> String {
+    match parse_str(text) {
+        Err(ConfigError::Invalid {
+            key: k,
+            line: l,
+            message,
+            ..
+        }) => {
+            assert_eq!((k.as_str(), l), (key, line), "message: {message}");
+            message
+        }
+        other => panic!("expected an invalid `{key}`, got {other:?}"),
+    }
+}
+
+#[test]
+fn good_config_is_validated_into_typed_values() {
+    let config = parse_str(GOOD).expect("valid config");
+    assert_eq!(config.api_base, "http://127.0.0.1:8080");
+    assert_eq!(config.ws_url, "ws://127.0.0.1:8080/v1/ws");
+    assert_eq!(config.api_key, KeySource::Env("AGENTCHAT_API_KEY".into()));
+    assert_eq!(config.state_dir, PathBuf::from("/etc/agentchatd/state"));
+    assert_eq!(config.transport, Transport::Poll);
+    assert_eq!(config.poll_interval, Duration::from_millis(500));
+    assert_eq!(config.requests_per_second, 60);
+    let plugin = &config.plugins[0];
+    assert_eq!(plugin.id, "echo");
+    assert_eq!(
+        plugin.path,
+        PathBuf::from("/etc/agentchatd/plugins/echo.wasm")
+    );
+    assert_eq!(plugin.timeout, Duration::from_millis(50));
+    assert_eq!(plugin.memory_limit_bytes, 32 * 1024 * 1024);
+    assert_eq!(plugin.config_json, r#"{"greeting":"hi"}"#);
+}
+
+#[test]
+fn https_base_derives_a_wss_inbox_url() {
+    assert_eq!(
+        derive_ws_url("https://api.agentchat.me"),
+        "wss://api.agentchat.me/v1/ws"
+    );
+}
+
+#[test]
+fn unknown_key_is_named_with_its_line() {
+    let text = GOOD.replace("poll_interval_ms = 500", "poll_interval_secs = 1");
+    let err = parse_str(&text).expect_err("unknown key").to_string();
+    assert!(err.contains("poll_interval_secs"), "{err}");
+    assert!(err.contains("line 11"), "{err}");
+}
+
+#[test]
+fn inline_api_key_is_refused_with_the_fix() {
+    let text = GOOD.replace(
+        "api_key_env = \"AGENTCHAT_API_KEY\"",
+        "api_key = \"ac_secret\"",
+    );
+    let message = check_invalid(&text, "agent.api_key", 4);
+    assert!(message.contains("api_key_file"), "{message}");
+}
+
+#[test]
+fn bad_url_names_the_key_and_line() {
+    let text = GOOD.replace("http://127.0.0.1:8080/", "127.0.0.1:8080");
+    check_invalid(&text, "agent.api_base", 3);
+}
+
+#[test]
+fn out_of_range_number_names_the_limits() {
+    let text = GOOD.replace("timeout_ms = 50", "timeout_ms = 0");
+    let message = check_invalid(&text, "plugins.timeout_ms", 16);
+    assert!(message.contains("between 1 and 60000"), "{message}");
+}
+
+#[test]
+fn missing_key_source_is_explained() {
+    let text = GOOD.replace("api_key_env = \"AGENTCHAT_API_KEY\"", "");
+    let message = check_invalid(&text, "agent.api_key_file", 2);
+    assert!(message.contains("api_key_env"), "{message}");
+}
+
+#[test]
+fn missing_state_dir_is_reported() {
+    let text = GOOD.replace("[state]\ndir = \"state\"", "");
+    check_invalid(&text, "state.dir", 0);
+}
+
+#[test]
+fn duplicate_plugin_ids_are_refused() {
+    let text = format!("{GOOD}\n[[plugins]]\nid = \"echo\"\npath = \"other.wasm\"\n");
+    check_invalid(&text, "plugins.id", 20);
+}
+
+#[test]
+fn wrong_type_is_a_parse_error_naming_the_key() {
+    let text = GOOD.replace("poll_interval_ms = 500", "poll_interval_ms = \"fast\"");
+    let err = parse_str(&text).expect_err("wrong type").to_string();
+    assert!(err.contains("poll_interval_ms"), "{err}");
+}
+
+#[test]
+fn unknown_transport_is_a_parse_error() {
+    let text = GOOD.replace("transport = \"poll\"", "transport = \"carrier-pigeon\"");
+    let err = parse_str(&text).expect_err("bad transport").to_string();
+    assert!(
+        err.contains("carrier-pigeon") || err.contains("transport"),
+        "{err}"
+    );
+}
+
+#[test]
+fn key_file_is_read_and_trimmed() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("key");
+    std::fs::write(&path, "ac_abc\n").expect("write key");
+    let key = KeySource::File(path).load().expect("key loads");
+    assert_eq!(key.expose(), "ac_abc");
+    assert_eq!(format!("{key:?}"), "ApiKey(<redacted>)");
+}
+
+#[test]
+fn empty_or_missing_key_file_is_an_error() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("key");
+    assert!(KeySource::File(path.clone()).load().is_err());
+    std::fs::write(&path, "  \n").expect("write key");
+    let err = KeySource::File(path).load().expect_err("empty key");
+    assert!(err.to_string().contains("empty"), "{err}");
+}

@@ -1,0 +1,234 @@
+//! Receives the agent's inbox and turns each message into recorded decisions.
+//!
+//! Two transports feed the same [`Processor`]: the WebSocket ([`websocket`]) and polling of
+//! `/v1/messages/sync` ([`poll`]). Whatever the transport, a message is acknowledged to the
+//! server only after [`Processor::handle`] has returned, and `handle` returns only once the
+//! plugins' decision and the replies it produced are committed to the store in one
+//! transaction. A crash therefore leaves a message either unacknowledged (and redelivered,
+//! then recognised by its id if it had been recorded) or fully handled.
+//!
+//! Messages are handled one at a time in arrival order, which keeps each conversation in
+//! order. Plugin failures never hold a message back: a plugin call that traps, times out or
+//! returns bad output counts as that plugin passing, and the message is still acknowledged.
+
+pub mod poll;
+pub mod websocket;
+
+use std::sync::Arc;
+
+use tokio::sync::Notify;
+
+use crate::client::{Content, Message, SendRequest};
+use crate::outbox::{new_send, now_ms, reply_key};
+use crate::plugins::{self, ContentKind, ConversationKind, Decision, Draft, PluginHost};
+use crate::store::{NewSend, Store, StoreError};
+
+/// Why the inbox stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum InboxError {
+    /// The state store failed; unacknowledged messages will be redelivered after a restart.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// The server refused the key or the agent is suspended; the operator must act.
+    #[error("the server refused the agent's credentials: {0}")]
+    Fatal(String),
+}
+
+/// What happened to one inbound message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Handled {
+    /// Plugins ran and their outcome (with any replies) is recorded.
+    Processed {
+        /// How many replies were queued.
+        replies: usize,
+    },
+    /// The message had been handled before; nothing was done again.
+    Duplicate,
+    /// The agent's own message (seen through history or a second device); ignored.
+    Own,
+}
+
+/// Runs plugins on inbound messages and records the outcome.
+pub struct Processor {
+    store: Store,
+    plugins: Arc<PluginHost>,
+    me: String,
+    outbox_wake: Arc<Notify>,
+}
+
+impl Processor {
+    /// A processor for the agent `me`.
+    pub fn new(
+        store: Store,
+        plugins: Arc<PluginHost>,
+        me: String,
+        outbox_wake: Arc<Notify>,
+    ) -> Self {
+        Self {
+            store,
+            plugins,
+            me,
+            outbox_wake,
+        }
+    }
+
+    /// Handles one message: dedupe, plugins, then one transaction recording the message as
+    /// processed together with its replies.
+    ///
+    /// # Errors
+    /// Only when the store fails; the message must then not be acknowledged.
+    pub async fn handle(&self, message: &Message) -> Result<Handled, StoreError> {
+        if self.store.is_processed(&message.id).await? {
+            tracing::debug!(message_id = %message.id, "duplicate message skipped");
+            return Ok(Handled::Duplicate);
+        }
+        if message.sender == self.me {
+            self.store
+                .record_processed(
+                    &message.id,
+                    &message.conversation_id,
+                    message.seq,
+                    "own",
+                    vec![],
+                    now_ms(),
+                )
+                .await?;
+            return Ok(Handled::Own);
+        }
+
+        let inbound = to_plugin_message(message);
+        let verdicts = self.plugins.on_message(&inbound).await;
+        let mut sends: Vec<NewSend> = Vec::new();
+        let mut outcome: Vec<String> = Vec::new();
+        for verdict in verdicts {
+            let drafts = match verdict.result {
+                Ok(Decision::Pass) => continue,
+                Ok(Decision::Drop) => {
+                    outcome.push(format!("drop:{}", verdict.plugin_id));
+                    continue;
+                }
+                Ok(Decision::Reply(drafts) | Decision::Claim(drafts)) => drafts,
+                Err(err) => {
+                    tracing::warn!(
+                        plugin = %verdict.plugin_id, message_id = %message.id, error = %err,
+                        "plugin call failed; counted as pass"
+                    );
+                    outcome.push(format!("error:{}", verdict.plugin_id));
+                    continue;
+                }
+            };
+            outcome.push(format!("reply:{}", verdict.plugin_id));
+            for (index, draft) in drafts.into_iter().enumerate() {
+                match reply_request(message, &verdict.plugin_id, index, draft) {
+                    Ok((key, request)) => {
+                        let origin = format!("reply:{}:{}:{index}", message.id, verdict.plugin_id);
+                        sends.push(new_send(key, &request, origin));
+                    }
+                    Err(reason) => tracing::warn!(
+                        plugin = %verdict.plugin_id, message_id = %message.id, %reason,
+                        "reply draft discarded"
+                    ),
+                }
+            }
+        }
+
+        let replies = sends.len();
+        let outcome = if outcome.is_empty() {
+            "pass".to_owned()
+        } else {
+            outcome.join(",")
+        };
+        let fresh = self
+            .store
+            .record_processed(
+                &message.id,
+                &message.conversation_id,
+                message.seq,
+                &outcome,
+                sends,
+                now_ms(),
+            )
+            .await?;
+        if !fresh {
+            return Ok(Handled::Duplicate);
+        }
+        if replies > 0 {
+            self.outbox_wake.notify_one();
+        }
+        tracing::debug!(message_id = %message.id, %outcome, replies, "message processed");
+        Ok(Handled::Processed { replies })
+    }
+}
+
+fn to_plugin_message(message: &Message) -> plugins::InboundMessage {
+    let kind = match message.kind.as_str() {
+        "structured" => ContentKind::Structured,
+        "file" => ContentKind::File,
+        "system" => ContentKind::System,
+        _ => ContentKind::Text,
+    };
+    let conversation_kind = if message.is_group() {
+        ConversationKind::Group
+    } else {
+        ConversationKind::Direct
+    };
+    plugins::InboundMessage {
+        id: message.id.clone(),
+        conversation_id: message.conversation_id.clone(),
+        conversation_kind,
+        sender: message.sender.clone(),
+        kind,
+        text: message.content.text.clone(),
+        data_json: message.content.data.as_ref().map(|d| d.to_string()),
+        attachment_id: message.content.attachment_id.clone(),
+        seq: message.seq,
+        received_at_ms: u64::try_from(now_ms()).unwrap_or(0),
+    }
+}
+
+/// Turns a plugin's draft into a send request addressed the way the API wants: direct
+/// conversations by the peer's handle, groups by their id.
+fn reply_request(
+    message: &Message,
+    plugin: &str,
+    index: usize,
+    draft: Draft,
+) -> Result<(String, SendRequest), String> {
+    let target = draft
+        .conversation_id
+        .unwrap_or_else(|| message.conversation_id.clone());
+    let (to, conversation_id) = if target.starts_with("grp_") {
+        (None, Some(target))
+    } else if target == message.conversation_id {
+        (Some(message.sender.clone()), None)
+    } else {
+        return Err(format!(
+            "draft names direct conversation {target}, which is not the one being answered; \
+             only the current conversation or a group can be addressed"
+        ));
+    };
+    let data = match draft.data_json {
+        Some(json) => Some(
+            serde_json::from_str::<serde_json::Value>(&json)
+                .map_err(|err| format!("data-json is not valid JSON: {err}"))?,
+        ),
+        None => None,
+    };
+    let kind = if draft.text.is_none() && data.is_some() {
+        "structured"
+    } else {
+        "text"
+    };
+    let request = SendRequest {
+        to,
+        conversation_id,
+        client_msg_id: reply_key(&message.id, plugin, index),
+        kind: kind.to_owned(),
+        content: Content {
+            text: draft.text,
+            data,
+            attachment_id: None,
+        },
+    };
+    Ok((request.client_msg_id.clone(), request))
+}
