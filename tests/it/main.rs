@@ -1,0 +1,5 @@
+//! The one integration test binary: each module tests one part of the daemon through its
+//! public API; `support` holds helpers shared between them.
+
+mod plugins;
+mod support;

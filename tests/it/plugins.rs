@@ -1,0 +1,310 @@
+//! Tests of the plugin host (`agentchatd::plugins`) with real guests: the echo plugin built
+//! for wasm32-wasip2 and small hand-written WAT components that trap, loop, over-allocate or
+//! return fixed decisions.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use agentchatd::plugins::{
+    CallError, Decision, Draft, PluginError, PluginHost, PluginSpec, Verdict,
+};
+
+use crate::support::{echo_plugin_path, structured_message, text_message, write_wat_guest};
+
+/// Loads `specs` without a cache, failing the test on a load error.
+async fn load(specs: Vec<PluginSpec>) -> PluginHost {
+    match PluginHost::load(specs, None).await {
+        Ok(host) => host,
+        Err(err) => panic!("load failed: {err}"),
+    }
+}
+
+fn echo_spec(id: &str) -> PluginSpec {
+    PluginSpec::new(id, echo_plugin_path())
+}
+
+fn wat_spec(dir: &Path, id: &str, guest: &str) -> PluginSpec {
+    PluginSpec::new(id, write_wat_guest(dir, guest))
+}
+
+fn text_draft(text: &str) -> Draft {
+    Draft {
+        conversation_id: None,
+        text: Some(text.to_string()),
+        data_json: None,
+    }
+}
+
+/// The verdicts as `(plugin id, result)` pairs, for one-line assertions.
+fn summary(verdicts: &[Verdict]) -> Vec<(&str, &Result<Decision, CallError>)> {
+    verdicts
+        .iter()
+        .map(|v| (v.plugin_id.as_str(), &v.result))
+        .collect()
+}
+
+#[tokio::test]
+async fn echo_replies_to_text_and_passes_on_structured_messages() {
+    let host = load(vec![echo_spec("echo")]).await;
+    assert_eq!(host.plugin_ids(), vec!["echo".to_string()]);
+
+    let verdicts = host.on_message(&text_message("hi")).await;
+    assert_eq!(
+        summary(&verdicts),
+        vec![("echo", &Ok(Decision::Reply(vec![text_draft("echo: hi")])))]
+    );
+
+    let verdicts = host
+        .on_message(&structured_message(r#"{"kind":"ping"}"#))
+        .await;
+    assert_eq!(summary(&verdicts), vec![("echo", &Ok(Decision::Pass))]);
+}
+
+#[tokio::test]
+async fn plugins_run_in_order_and_a_claim_stops_the_rest() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let specs = vec![
+        echo_spec("first"),
+        wat_spec(dir.path(), "claimer", "claim"),
+        echo_spec("never-called"),
+    ];
+    let host = load(specs).await;
+    assert_eq!(host.plugin_ids(), ["first", "claimer", "never-called"]);
+
+    let verdicts = host.on_message(&text_message("yo")).await;
+    assert_eq!(
+        summary(&verdicts),
+        vec![
+            ("first", &Ok(Decision::Reply(vec![text_draft("echo: yo")]))),
+            ("claimer", &Ok(Decision::Claim(vec![text_draft("claimed")]))),
+        ]
+    );
+}
+
+#[tokio::test]
+async fn a_drop_stops_the_rest() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let host = load(vec![
+        wat_spec(dir.path(), "dropper", "drop"),
+        echo_spec("echo"),
+    ])
+    .await;
+
+    let verdicts = host.on_message(&text_message("spam")).await;
+    assert_eq!(summary(&verdicts), vec![("dropper", &Ok(Decision::Drop))]);
+}
+
+#[tokio::test]
+async fn a_trap_counts_as_pass_and_the_next_call_works() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let host = load(vec![
+        wat_spec(dir.path(), "trapper", "trap"),
+        echo_spec("echo"),
+    ])
+    .await;
+
+    // Twice: the second call proves the trap left nothing behind.
+    for round in 0..2 {
+        let verdicts = host.on_message(&text_message("hi")).await;
+        assert_eq!(verdicts.len(), 2, "round {round}: later plugins still run");
+        match &verdicts[0].result {
+            Err(CallError::Trap(why)) => assert!(why.contains("unreachable"), "{why}"),
+            other => panic!("round {round}: expected a trap, got {other:?}"),
+        }
+        assert_eq!(
+            verdicts[1].result,
+            Ok(Decision::Reply(vec![text_draft("echo: hi")]))
+        );
+    }
+}
+
+#[tokio::test]
+async fn an_endless_loop_is_stopped_at_the_budget() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let budget = Duration::from_millis(50);
+    let spec = PluginSpec {
+        timeout: budget,
+        ..wat_spec(dir.path(), "spinner", "spin")
+    };
+    let host = load(vec![spec, echo_spec("echo")]).await;
+
+    let verdicts = host.on_message(&text_message("hi")).await;
+    assert_eq!(verdicts[0].result, Err(CallError::Timeout { budget }));
+    assert!(verdicts[1].result.is_ok(), "the next plugin still runs");
+}
+
+#[tokio::test]
+async fn growing_memory_past_the_limit_is_a_memory_limit_error() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let spec = PluginSpec {
+        memory_limit_bytes: 2 << 20,
+        ..wat_spec(dir.path(), "hog", "grow")
+    };
+    let host = load(vec![spec]).await;
+
+    for _ in 0..2 {
+        let verdicts = host.on_message(&text_message("hi")).await;
+        assert_eq!(
+            summary(&verdicts),
+            vec![("hog", &Err(CallError::MemoryLimit))]
+        );
+    }
+}
+
+#[tokio::test]
+async fn an_empty_draft_is_bad_output() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let host = load(vec![wat_spec(dir.path(), "empty", "empty_draft")]).await;
+
+    let verdicts = host.on_message(&text_message("hi")).await;
+    match &verdicts[0].result {
+        Err(CallError::BadOutput(why)) => {
+            assert!(why.contains("text") && why.contains("data-json"), "{why}")
+        }
+        other => panic!("expected bad output, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn a_plugin_reported_error_is_passed_on() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let host = load(vec![wat_spec(dir.path(), "failing", "failing")]).await;
+
+    let verdicts = host.on_message(&text_message("hi")).await;
+    assert_eq!(
+        verdicts[0].result,
+        Err(CallError::PluginError("internal: broken".to_string()))
+    );
+}
+
+#[tokio::test]
+async fn concurrent_messages_share_one_host() {
+    let host = Arc::new(load(vec![echo_spec("echo")]).await);
+    let tasks: Vec<_> = (0..20)
+        .map(|n| {
+            let host = host.clone();
+            tokio::spawn(async move { host.on_message(&text_message(&format!("m{n}"))).await })
+        })
+        .collect();
+
+    for (n, task) in tasks.into_iter().enumerate() {
+        let verdicts = task.await.expect("task ran");
+        let expected = Decision::Reply(vec![text_draft(&format!("echo: m{n}"))]);
+        assert_eq!(verdicts[0].result, Ok(expected));
+    }
+}
+
+/// Loads one plugin at `path` and returns the error message, which must name `id` and `path`.
+async fn load_error(id: &str, path: &Path) -> PluginError {
+    let specs = vec![echo_spec("fine"), PluginSpec::new(id, path)];
+    let err = match PluginHost::load(specs, None).await {
+        Ok(_) => panic!("loading {} should fail", path.display()),
+        Err(err) => err,
+    };
+    let text = err.to_string();
+    assert!(text.contains(id), "error does not name the plugin: {text}");
+    assert!(
+        text.contains(&path.display().to_string()),
+        "error does not name the path: {text}"
+    );
+    err
+}
+
+#[tokio::test]
+async fn a_missing_or_garbage_file_fails_the_load_naming_plugin_and_path() {
+    let dir = tempfile::tempdir().expect("temp dir");
+
+    let missing = dir.path().join("missing.wasm");
+    assert!(matches!(
+        load_error("ghost", &missing).await,
+        PluginError::Read { .. }
+    ));
+
+    let garbage = dir.path().join("garbage.wasm");
+    std::fs::write(&garbage, b"this is not wasm").expect("write garbage");
+    assert!(matches!(
+        load_error("junk", &garbage).await,
+        PluginError::Compile { .. }
+    ));
+
+    let empty_component = dir.path().join("empty.wasm");
+    std::fs::write(
+        &empty_component,
+        wat::parse_str("(component)").expect("wat"),
+    )
+    .expect("write");
+    assert!(matches!(
+        load_error("hollow", &empty_component).await,
+        PluginError::Link { .. }
+    ));
+}
+
+/// Compiled entries in the cache (wasmtime names them by hash, without an extension; its
+/// statistics and temporary files have one).
+fn cache_entries(dir: &Path) -> Vec<PathBuf> {
+    let mut found = Vec::new();
+    let mut pending = vec![dir.to_path_buf()];
+    while let Some(next) = pending.pop() {
+        for entry in std::fs::read_dir(&next).expect("read cache dir").flatten() {
+            let path = entry.path();
+            if path.is_dir() {
+                pending.push(path);
+            } else if path.extension().is_none() {
+                found.push(path);
+            }
+        }
+    }
+    found
+}
+
+#[tokio::test]
+async fn the_compile_cache_is_reused_and_a_corrupt_entry_is_rebuilt() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let cache = dir.path().join("cache");
+    let load_cached = || PluginHost::load(vec![echo_spec("echo")], Some(cache.clone()));
+
+    // First start: compiles and writes one entry into an owner-only directory.
+    let host = load_cached().await.expect("first load");
+    drop(host);
+    let entries = cache_entries(&cache);
+    assert_eq!(entries.len(), 1, "{entries:?}");
+    let entry = &entries[0];
+    let first = std::fs::read(entry).expect("read entry");
+    let first_mtime = std::fs::metadata(entry)
+        .and_then(|m| m.modified())
+        .expect("mtime");
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(&cache)
+            .expect("cache dir")
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o700);
+    }
+
+    // Second start: reads the entry and leaves it as it was.
+    let host = load_cached().await.expect("second load");
+    assert!(host.on_message(&text_message("hi")).await[0].result.is_ok());
+    drop(host);
+    assert_eq!(cache_entries(&cache), entries);
+    assert_eq!(
+        std::fs::metadata(entry)
+            .and_then(|m| m.modified())
+            .expect("mtime"),
+        first_mtime
+    );
+
+    // A corrupt entry is not fatal: the plugin is recompiled and the entry rewritten.
+    std::fs::write(entry, b"corrupt").expect("corrupt the entry");
+    let host = load_cached().await.expect("load over a corrupt entry");
+    let verdicts = host.on_message(&text_message("hi")).await;
+    assert_eq!(
+        verdicts[0].result,
+        Ok(Decision::Reply(vec![text_draft("echo: hi")]))
+    );
+    let rebuilt = std::fs::read(entry).expect("read rebuilt entry");
+    assert_ne!(rebuilt, b"corrupt");
+    assert_eq!(rebuilt.len(), first.len());
+}
