@@ -11,10 +11,12 @@
 //! - [`store`]: local SQLite state: cursors, processed ids, the outbound queue.
 //! - [`service`]: wires the above into the running daemon, with shutdown and signals.
 //! - [`server`]: an AgentChat-compatible local server for development and tests.
+//! - [`demo`]: `agentchatd demo`, the server, the daemon and a scripted peer together.
 #![forbid(unsafe_code)]
 
 pub mod client;
 pub mod config;
+pub mod demo;
 pub mod inbox;
 pub mod outbox;
 pub mod plugins;

@@ -36,6 +36,10 @@ enum Command {
         #[arg(long, short, default_value = "agentchatd.toml")]
         config: PathBuf,
     },
+    /// Run the local AgentChat-compatible server (for development and tests only).
+    DevServer(agentchatd::server::DevServerArgs),
+    /// Run the local server, the daemon with a plugin and a peer that talks to it.
+    Demo(agentchatd::demo::DemoArgs),
 }
 
 fn main() -> ExitCode {
@@ -43,6 +47,38 @@ fn main() -> ExitCode {
     match cli.command {
         Command::CheckConfig { config } => check_config(&config),
         Command::Run { config } => run_daemon(&config),
+        Command::DevServer(args) => {
+            run_tool(|shutdown| agentchatd::server::run_dev_server(args, shutdown))
+        }
+        Command::Demo(args) => run_tool(|shutdown| agentchatd::demo::run(args, shutdown)),
+    }
+}
+
+/// Runs a command other than the daemon: logging, signals, a runtime, and exit 1 on error.
+fn run_tool<F, Fut>(command: F) -> ExitCode
+where
+    F: FnOnce(CancellationToken) -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<()>>,
+{
+    init_logging(false);
+    let shutdown = CancellationToken::new();
+    if let Err(err) = install_signals(shutdown.clone()) {
+        eprintln!("agentchatd: cannot install signal handlers: {err}");
+        return ExitCode::FAILURE;
+    }
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(runtime) => runtime,
+        Err(err) => {
+            eprintln!("agentchatd: cannot start the async runtime: {err}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(command(shutdown)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("agentchatd: {err:#}");
+            ExitCode::FAILURE
+        }
     }
 }
 

@@ -77,7 +77,7 @@ async fn crash_mid_stream_then_restart_answers_each_message_exactly_once() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_trapping_plugin_is_contained_and_later_plugins_still_answer() {
     let world = World::start().await;
-    let trap = crate::support::wat_plugin_file(world.dir.path(), "trap");
+    let trap = crate::support::write_wat_guest(world.dir.path(), "trap");
     let plugins = vec![plugin("trap", trap), plugin("echo", echo_plugin_path())];
     let config = world.config(Transport::Websocket, plugins);
     let daemon = Daemon::spawn(config.clone());

@@ -3,3 +3,8 @@
 
 mod plugins;
 mod support;
+mod bad_server;
+mod cli;
+mod e2e;
+mod harness;
+mod sdk;
