@@ -21,6 +21,8 @@ const DEFAULT_PLUGIN_MEMORY_MIB: u64 = 32;
 const DEFAULT_POLL_INTERVAL_MS: u64 = 2_000;
 /// Default ceiling on the requests the daemon makes per second (the platform allows 60).
 const DEFAULT_REQUESTS_PER_SECOND: u32 = 60;
+/// Default slack added to the one-second pacing window, covering request travel-time jitter.
+const DEFAULT_WINDOW_MARGIN_MS: u64 = 40;
 
 /// A configuration problem, with the key and line that caused it.
 #[derive(Debug, thiserror::Error)]
@@ -174,6 +176,9 @@ pub struct Config {
     pub poll_interval: Duration,
     /// Ceiling on API requests per second made by this daemon.
     pub requests_per_second: u32,
+    /// Slack added to the one-second pacing window so jitter in request travel times cannot
+    /// push two windows' worth into one of the server's buckets.
+    pub window_margin: Duration,
     /// Plugins in priority order (first runs first).
     pub plugins: Vec<PluginConfig>,
     /// Log output as JSON lines instead of plain text.
@@ -232,6 +237,8 @@ struct RawInbox {
 struct RawOutbox {
     #[serde(default)]
     requests_per_second: Option<Spanned<u32>>,
+    #[serde(default)]
+    window_margin_ms: Option<Spanned<u64>>,
 }
 
 #[derive(Deserialize)]
@@ -336,12 +343,17 @@ pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
         Some(ms) => ctx.in_range("inbox.poll_interval_ms", ms, 50, 3_600_000)?,
         None => DEFAULT_POLL_INTERVAL_MS,
     };
-    let requests_per_second = match raw.outbox.and_then(|o| o.requests_per_second) {
+    let outbox = raw.outbox.unwrap_or(RawOutbox { requests_per_second: None, window_margin_ms: None });
+    let requests_per_second = match &outbox.requests_per_second {
         Some(rps) => {
-            let value = ctx.in_range("outbox.requests_per_second", &rps, 1, 1_000)?;
+            let value = ctx.in_range("outbox.requests_per_second", rps, 1, 1_000)?;
             u32::try_from(value).unwrap_or(u32::MAX)
         }
         None => DEFAULT_REQUESTS_PER_SECOND,
+    };
+    let window_margin_ms = match &outbox.window_margin_ms {
+        Some(ms) => ctx.in_range("outbox.window_margin_ms", ms, 0, 1_000)?,
+        None => DEFAULT_WINDOW_MARGIN_MS,
     };
     let log_json = match raw.log.and_then(|l| l.format) {
         Some(format) => match format.get_ref().as_str() {
@@ -381,6 +393,7 @@ pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
         transport: inbox.transport.unwrap_or(Transport::Auto),
         poll_interval: Duration::from_millis(poll_interval_ms),
         requests_per_second,
+        window_margin: Duration::from_millis(window_margin_ms),
         plugins,
         log_json,
     })

@@ -68,6 +68,7 @@ pub async fn run(args: DemoArgs, shutdown: CancellationToken) -> anyhow::Result<
         transport: Transport::Websocket,
         poll_interval: Duration::from_secs(1),
         requests_per_second: 60,
+        window_margin: Duration::from_millis(40),
         plugins: vec![PluginConfig {
             id: "echo".into(),
             path: args.plugin.clone(),

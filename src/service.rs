@@ -18,7 +18,7 @@ use crate::config::{Config, ConfigError, Transport};
 use crate::inbox::poll::Poller;
 use crate::inbox::websocket::{WsEnd, WsInbox};
 use crate::inbox::{InboxError, Processor};
-use crate::outbox::{Backoff, Outbox, OutboxError, RateLimiter};
+use crate::outbox::{Backoff, Outbox, OutboxError, Priority, RateLimiter};
 use crate::plugins::{PluginError, PluginHost, PluginSpec};
 use crate::store::{Store, StoreError};
 
@@ -86,10 +86,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Serv
     tracing::info!(plugins = ?plugins.plugin_ids(), state = %store.path().display(), "loaded");
 
     let client = Client::new(&config.api_base, key.clone())?;
-    let limiter = Arc::new(RateLimiter::new(
-        config.requests_per_second,
-        config.requests_per_second,
-    ));
+    let limiter = Arc::new(RateLimiter::per_second(config.requests_per_second, config.window_margin));
     let Some(me) = identify(&client, &limiter, &shutdown).await? else {
         return Ok(());
     };
@@ -182,7 +179,7 @@ async fn identify(
         .expect("constant bounds are valid");
     let mut attempt = 0;
     loop {
-        limiter.acquire().await;
+        limiter.acquire(Priority::Normal).await;
         let result = tokio::select! {
             () = shutdown.cancelled() => return Ok(None),
             result = client.me() => result,

@@ -12,7 +12,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::{InboxError, Processor};
 use crate::client::{ApiError, Client, Disposition, SyncRow};
-use crate::outbox::{Backoff, RateLimiter, now_ms};
+use crate::outbox::{Backoff, Priority, RateLimiter, now_ms};
 use crate::store::Store;
 
 /// Rows fetched per sync request (the Python SDK's page size).
@@ -67,7 +67,7 @@ impl Poller<'_> {
     /// Fetches and handles pages until a short one.
     async fn drain_once(&self) -> Result<(), PollError> {
         loop {
-            self.limiter.acquire().await;
+            self.limiter.acquire(Priority::Normal).await;
             let page = self.client.sync(None, PAGE_SIZE).await.map_err(api)?;
             let full = page.len() >= PAGE_SIZE as usize;
             let mut last_done: Option<String> = None;
@@ -89,7 +89,7 @@ impl Poller<'_> {
                 }
             }
             if let Some(cursor) = last_done {
-                self.limiter.acquire().await;
+                self.limiter.acquire(Priority::High).await;
                 let acked = self.client.ack(&cursor).await.map_err(api)?;
                 tracing::debug!(acked = acked.acked, %cursor, "sync page acknowledged");
                 self.store

@@ -18,7 +18,7 @@ use tokio_util::sync::CancellationToken;
 use super::{InboxError, Processor};
 use crate::client::ws::{self, Event, WsError, WsOptions};
 use crate::config::ApiKey;
-use crate::outbox::{Backoff, RateLimiter, now_ms};
+use crate::outbox::{Backoff, Priority, RateLimiter, now_ms};
 use crate::store::Store;
 
 /// A connection that lived this long resets the reconnect backoff.
@@ -61,7 +61,7 @@ impl WsInbox<'_> {
             .expect("constant bounds are valid");
         let mut attempt = 0u32;
         loop {
-            self.limiter.acquire().await;
+            self.limiter.acquire(Priority::Normal).await;
             let connected = tokio::select! {
                 () = shutdown.cancelled() => return Ok(WsEnd::Shutdown),
                 connected = ws::connect(self.url, self.key, self.options) => connected,

@@ -22,7 +22,7 @@ use tokio::sync::Notify;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
-pub use pacing::{Backoff, InvalidBackoff, RateLimiter};
+pub use pacing::{Backoff, InvalidBackoff, Priority, RateLimiter};
 
 use crate::client::{ApiError, Client, Disposition, SendRequest};
 use crate::store::{NewSend, PendingSend, Store, StoreError};
@@ -230,7 +230,9 @@ impl Outbox {
             Ok(request) => request,
             Err(err) => return Outcome::Dead(format!("queued request is not valid: {err}")),
         };
-        self.limiter.acquire().await;
+        let priority =
+            if send.origin.starts_with("reply:") { Priority::High } else { Priority::Normal };
+        self.limiter.acquire(priority).await;
         match self.client.send_message(&request).await {
             Ok(outcome) => {
                 if let Some((handle, count)) = &outcome.backlog_warning {

@@ -1,62 +1,93 @@
-//! Pacing and retry arithmetic for the outbox: a token bucket that takes its clock from tokio
-//! (so paused-time tests drive it) and a jittered exponential backoff whose bounds are checked
-//! when it is built.
+//! Pacing and retry arithmetic: a sliding-window rate limiter with two priorities, on tokio's
+//! clock (so paused-time tests drive it), and a jittered exponential backoff whose bounds are
+//! checked when it is built.
 
 use std::time::Duration;
 
-use tokio::sync::Mutex;
+use std::collections::VecDeque;
+
+use tokio::sync::{Mutex, Notify};
 use tokio::time::Instant;
 
-/// A token bucket: at most `per_second` requests in any one-second span on average, with bursts
-/// no larger than `burst`.
-#[derive(Debug)]
-pub struct RateLimiter {
-    per_second: f64,
-    burst: f64,
-    state: Mutex<Bucket>,
+/// Which requests go first when the allowance is short.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Priority {
+    /// Acks and replies: they finish work already under way.
+    High,
+    /// Everything else: polls, history reads, proactive sends.
+    Normal,
 }
 
+/// A sliding-window limiter: at most `limit` grants in any window of `window` length.
+///
+/// The platform counts requests in fixed one-second buckets on its own clock. A sliding window
+/// of one second plus a small margin keeps every such bucket at or under the limit whatever the
+/// clocks' phase, as long as the requests' travel times differ by less than the margin, while
+/// still allowing a full burst after a quiet spell. High-priority callers are served before
+/// normal ones whenever both wait.
 #[derive(Debug)]
-struct Bucket {
-    tokens: f64,
-    refilled_at: Instant,
+pub struct RateLimiter {
+    limit: usize,
+    window: Duration,
+    state: Mutex<Window>,
+    changed: Notify,
+}
+
+#[derive(Debug, Default)]
+struct Window {
+    grants: VecDeque<Instant>,
+    high_waiting: usize,
 }
 
 impl RateLimiter {
-    /// A limiter allowing `per_second` requests per second in bursts of at most `burst`.
-    ///
-    /// # Panics
-    /// Never: zero values are raised to one, since a limiter that allows nothing would hang.
-    pub fn new(per_second: u32, burst: u32) -> Self {
-        let per_second = f64::from(per_second.max(1));
-        let burst = f64::from(burst.max(1));
-        Self {
-            per_second,
-            burst,
-            state: Mutex::new(Bucket {
-                tokens: burst,
-                refilled_at: Instant::now(),
-            }),
-        }
+    /// A limiter allowing `limit` requests in any `window`. A zero limit is raised to one,
+    /// since a limiter that allows nothing would hang its callers.
+    pub fn new(limit: u32, window: Duration) -> Self {
+        let limit = usize::try_from(limit.max(1)).unwrap_or(usize::MAX);
+        Self { limit, window, state: Mutex::new(Window::default()), changed: Notify::new() }
     }
 
-    /// Waits until one request may be made, and takes its token.
-    pub async fn acquire(&self) {
-        let mut bucket = self.state.lock().await;
+    /// The platform's allowance (`per_second` per second) with `margin` of slack per window.
+    pub fn per_second(per_second: u32, margin: Duration) -> Self {
+        Self::new(per_second, Duration::from_secs(1) + margin)
+    }
+
+    /// Waits until one request may be made, and takes its grant.
+    pub async fn acquire(&self, priority: Priority) {
+        if priority == Priority::High {
+            self.state.lock().await.high_waiting += 1;
+        }
         loop {
-            let now = Instant::now();
-            let elapsed = now
-                .saturating_duration_since(bucket.refilled_at)
-                .as_secs_f64();
-            bucket.tokens = (bucket.tokens + elapsed * self.per_second).min(self.burst);
-            bucket.refilled_at = now;
-            if bucket.tokens >= 1.0 {
-                bucket.tokens -= 1.0;
-                return;
+            let changed = self.changed.notified();
+            tokio::pin!(changed);
+            // Registered before the state is read, so a release in between is not missed.
+            changed.as_mut().enable();
+            let wake_at = {
+                let mut state = self.state.lock().await;
+                let now = Instant::now();
+                while state.grants.front().is_some_and(|t| now.duration_since(*t) >= self.window) {
+                    state.grants.pop_front();
+                }
+                let yielding = priority == Priority::Normal && state.high_waiting > 0;
+                if state.grants.len() < self.limit && !yielding {
+                    state.grants.push_back(now);
+                    if priority == Priority::High {
+                        state.high_waiting -= 1;
+                        self.changed.notify_waiters();
+                    }
+                    return;
+                }
+                state.grants.front().map(|oldest| *oldest + self.window)
+            };
+            match wake_at {
+                Some(at) => {
+                    tokio::select! {
+                        () = tokio::time::sleep_until(at) => {}
+                        () = &mut changed => {}
+                    }
+                }
+                None => changed.await,
             }
-            let missing = 1.0 - bucket.tokens;
-            // Holding the lock while sleeping keeps waiters in arrival order.
-            tokio::time::sleep(Duration::from_secs_f64(missing / self.per_second)).await;
         }
     }
 }
@@ -125,19 +156,42 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
-    async fn limiter_spreads_requests_beyond_the_burst() {
-        let limiter = RateLimiter::new(10, 5);
+    async fn no_window_ever_holds_more_than_the_limit() {
+        let limiter = RateLimiter::per_second(60, Duration::from_millis(40));
         let start = Instant::now();
-        for _ in 0..5 {
-            limiter.acquire().await;
+        let mut grants = Vec::new();
+        for _ in 0..300 {
+            limiter.acquire(Priority::Normal).await;
+            grants.push(Instant::now() - start);
         }
-        assert_eq!(Instant::now(), start, "the burst goes out at once");
-        for _ in 0..10 {
-            limiter.acquire().await;
+        // The first 60 go at once (a full bucket), then the pace is one window per 60.
+        assert_eq!(grants[59], Duration::ZERO);
+        assert_eq!(grants[60], Duration::from_millis(1040));
+        for (i, at) in grants.iter().enumerate() {
+            let in_window = grants[i..].iter().take_while(|t| **t < *at + Duration::from_millis(1040));
+            assert!(in_window.count() <= 60, "more than 60 grants in the window from {at:?}");
         }
-        let waited = Instant::now() - start;
-        // Ten more requests at 10/s need one more second (paused clock, so exact arithmetic).
-        assert!(waited >= Duration::from_millis(999), "waited {waited:?}");
-        assert!(waited <= Duration::from_millis(1001), "waited {waited:?}");
+        let rate = 300.0 / grants[299].as_secs_f64();
+        assert!(rate > 57.0, "sustained rate {rate}");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn high_priority_waiters_go_before_normal_ones() {
+        let limiter = std::sync::Arc::new(RateLimiter::new(1, Duration::from_secs(1)));
+        limiter.acquire(Priority::Normal).await;
+        let order = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let mut tasks = Vec::new();
+        for (name, priority) in [("normal", Priority::Normal), ("high", Priority::High)] {
+            let (limiter, order) = (limiter.clone(), order.clone());
+            tasks.push(tokio::spawn(async move {
+                limiter.acquire(priority).await;
+                order.lock().expect("lock").push(name);
+            }));
+            tokio::task::yield_now().await;
+        }
+        for task in tasks {
+            task.await.expect("task");
+        }
+        assert_eq!(*order.lock().expect("lock"), ["high", "normal"]);
     }
 }

@@ -103,6 +103,7 @@ pub fn daemon_config(
         transport,
         poll_interval: Duration::from_millis(50),
         requests_per_second: 60,
+        window_margin: Duration::from_millis(40),
         plugins,
         log_json: false,
     }
