@@ -81,7 +81,8 @@ pub async fn run(args: DemoArgs, shutdown: CancellationToken) -> anyhow::Result<
     let daemon_stop = shutdown.child_token();
     let daemon = tokio::spawn(service::run(config, daemon_stop.clone()));
 
-    let exchange = exchange(&server.base_url(), &peer_key, args.messages);
+    let base = server.base_url();
+    let exchange = exchange(&base, &peer_key, args.messages);
     let result = tokio::select! {
         () = shutdown.cancelled() => Ok(()),
         result = tokio::time::timeout(Duration::from_secs(60), exchange) => {
@@ -101,7 +102,8 @@ pub async fn run(args: DemoArgs, shutdown: CancellationToken) -> anyhow::Result<
     Ok(())
 }
 
-/// The peer sends `count` messages and waits for as many replies on its socket.
+/// The peer sends `count` messages, each after the reply to the one before: a new thread
+/// allows one message until the other side answers, as on the real platform.
 #[allow(clippy::print_stdout)]
 async fn exchange(base: &str, key: &ApiKey, count: u32) -> anyhow::Result<()> {
     let client = Client::new(base, key.clone())?;
@@ -119,17 +121,16 @@ async fn exchange(base: &str, key: &ApiKey, count: u32) -> anyhow::Result<()> {
         };
         client.send_message(&request).await.context("the peer's send failed")?;
         println!("{PEER} -> {AGENT}: {text}");
-    }
-    let mut replies = 0;
-    while replies < count {
-        match socket.next_event().await.context("the peer's websocket failed")? {
-            Event::Message(message) => {
-                socket.ack(&message.id).await?;
-                let text = message.content.text.unwrap_or_default();
-                println!("{} -> {PEER}: {text}", message.sender);
-                replies += 1;
+        loop {
+            match socket.next_event().await.context("the peer's websocket failed")? {
+                Event::Message(message) => {
+                    socket.ack(&message.id).await?;
+                    let text = message.content.text.unwrap_or_default();
+                    println!("{} -> {PEER}: {text}", message.sender);
+                    break;
+                }
+                Event::Other(_) | Event::Malformed { .. } => {}
             }
-            Event::Other(_) | Event::Malformed { .. } => {}
         }
     }
     socket.close().await;

@@ -13,13 +13,14 @@ use crate::support::echo_plugin_path;
 async fn check_exchange(transport: Transport) {
     let world = World::start().await;
     let daemon = Daemon::spawn(world.config(transport, vec![plugin("echo", echo_plugin_path())]));
-    let mut conversation = String::new();
+    let conversation = world.open_thread().await;
     for n in 1..=5 {
-        conversation = world.peer_says(&format!("m{n}"), &format!("ping {n}")).await.conversation_id;
+        world.peer_says(&format!("m{n}"), &format!("ping {n}")).await;
     }
-    let replies = world.wait_for_replies(&conversation, 5).await;
+    let replies = world.wait_for_replies(&conversation, 6).await;
     let texts: Vec<_> = replies.iter().filter_map(|m| m.content.text.clone()).collect();
-    let expected: Vec<_> = (1..=5).map(|n| format!("echo: ping {n}")).collect();
+    let mut expected = vec!["echo: hello".to_owned()];
+    expected.extend((1..=5).map(|n| format!("echo: ping {n}")));
     assert_eq!(texts, expected, "one reply per message, in order");
     daemon.stop().await;
 }
@@ -41,19 +42,20 @@ async fn crash_mid_stream_then_restart_answers_each_message_exactly_once() {
     let first = Daemon::spawn(config.clone());
 
     // The peer writes 50 messages while the daemon runs; the daemon is killed part-way.
-    let mut conversation = String::new();
-    for n in 1..=50 {
-        conversation = world.peer_says(&format!("k{n}"), &format!("n{n}")).await.conversation_id;
-        if n == 20 {
-            world.wait_for_replies(&conversation, 5).await;
-            // Abort drops the daemon's futures wherever they are, as a crash would.
-            first.task.abort();
-            let _ = first.task.await;
-        }
+    let conversation = world.open_thread().await;
+    for n in 1..=20 {
+        world.peer_says(&format!("k{n}"), &format!("n{n}")).await;
+    }
+    world.wait_for_replies(&conversation, 6).await;
+    // Abort drops the daemon's futures wherever they are, as a crash would.
+    first.task.abort();
+    let _ = first.task.await;
+    for n in 21..=50 {
+        world.peer_says(&format!("k{n}"), &format!("n{n}")).await;
     }
 
     let second = Daemon::spawn(config.clone());
-    let replies = world.wait_for_replies(&conversation, 50).await;
+    let replies = world.wait_for_replies(&conversation, 51).await;
 
     // Let anything queued twice have its chance to go out before counting.
     let store = Store::open(&config.state_dir).expect("store");
@@ -65,12 +67,13 @@ async fn crash_mid_stream_then_restart_answers_each_message_exactly_once() {
     }
     second.stop().await;
     let replies_after = world.replies_seen_by_peer(&conversation).await;
-    assert_eq!(replies_after.len(), replies.len(), "no reply arrived after the 50th");
+    assert_eq!(replies_after.len(), replies.len(), "no reply arrived after the last one");
 
     let texts: Vec<_> = replies_after.iter().filter_map(|m| m.content.text.clone()).collect();
     let unique: BTreeSet<_> = texts.iter().cloned().collect();
-    let expected: BTreeSet<_> = (1..=50).map(|n| format!("echo: n{n}")).collect();
-    assert_eq!(texts.len(), 50, "exactly one reply per message, got {texts:?}");
+    let mut expected: BTreeSet<_> = (1..=50).map(|n| format!("echo: n{n}")).collect();
+    expected.insert("echo: hello".to_owned());
+    assert_eq!(texts.len(), 51, "exactly one reply per message, got {texts:?}");
     assert_eq!(unique, expected);
 }
 
@@ -82,6 +85,7 @@ async fn a_trapping_plugin_is_contained_and_later_plugins_still_answer() {
     let config = world.config(Transport::Websocket, plugins);
     let daemon = Daemon::spawn(config.clone());
     let first = world.peer_says("t1", "first").await;
+    world.wait_for_replies(&first.conversation_id, 1).await;
     world.peer_says("t2", "second").await;
     let replies = world.wait_for_replies(&first.conversation_id, 2).await;
     let texts: Vec<_> = replies.iter().filter_map(|m| m.content.text.clone()).collect();

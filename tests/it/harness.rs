@@ -58,6 +58,15 @@ impl World {
         self.peer.send_message(&request).await.expect("peer send").message
     }
 
+    /// Opens the peer's thread with the agent: the first message of a new thread waits for a
+    /// reply before the peer may send more (the platform's cold-thread rule). Returns the
+    /// conversation id once the agent has answered.
+    pub async fn open_thread(&self) -> String {
+        let conversation = self.peer_says("open", "hello").await.conversation_id;
+        self.wait_for_replies(&conversation, 1).await;
+        conversation
+    }
+
     /// Every message the agent sent in the peer's conversation, oldest first.
     pub async fn replies_seen_by_peer(&self, conversation_id: &str) -> Vec<Message> {
         let mut out = Vec::new();

@@ -53,8 +53,12 @@ async def run(args: argparse.Namespace) -> dict:
     realtime = RealtimeClient(api_key=api_key, base_url=args.ws_base, client=client)
     realtime.on("message.new", on_message)
     await realtime.connect()
+    # A new thread takes one message until the other side answers (the cold-thread rule), so
+    # the first message waits for its reply and the rest follow at once.
     for i in range(args.count):
         await client.send_message(to=f"@{args.agent}", text=f"sdk {i}", client_msg_id=f"sdk-{i}")
+        if i == 0 and not await wait_until(lambda: len(replies) >= 1, args.timeout):
+            fail("no reply to the first message")
     if not await wait_until(lambda: len(replies) >= args.count, args.timeout):
         fail(f"expected {args.count} live replies, got {len(replies)}")
     texts = [m.get("content", {}).get("text") for m in replies[: args.count]]
