@@ -179,6 +179,13 @@ async fn send_close(socket: &mut WebSocket, code: u16, reason: &str) {
     let _ = socket.send(Message::Close(Some(frame))).await;
 }
 
+/// Answers a client's close frame. The WebSocket layer queues the reply when it reads the
+/// client's frame but only writes it on the next flush; without this the client sees the
+/// connection end with "no close frame received".
+async fn finish_close_handshake(socket: &mut WebSocket) {
+    let _ = futures_util::SinkExt::flush(socket).await;
+}
+
 /// The outcome of waiting for a HELLO frame.
 enum Hello {
     Ok { agent: AgentRow, wants_ack: bool },
@@ -200,7 +207,11 @@ async fn await_hello(state: &AppState, socket: &mut WebSocket) -> Hello {
                     reason: "HELLO frame required",
                 };
             }
-            Ok(None | Some(Err(_)) | Some(Ok(Message::Close(_)))) => return Hello::Gone,
+            Ok(None | Some(Err(_))) => return Hello::Gone,
+            Ok(Some(Ok(Message::Close(_)))) => {
+                finish_close_handshake(socket).await;
+                return Hello::Gone;
+            }
             // Control frames are not application frames; keep waiting for the HELLO.
             Ok(Some(Ok(Message::Ping(_) | Message::Pong(_)))) => continue,
             Ok(Some(Ok(Message::Binary(_)))) => {
@@ -353,7 +364,11 @@ async fn serve_socket(
             }
             incoming = socket.recv() => {
                 match incoming {
-                    None | Some(Err(_)) | Some(Ok(Message::Close(_))) => return,
+                    None | Some(Err(_)) => return,
+                    Some(Ok(Message::Close(_))) => {
+                        finish_close_handshake(socket).await;
+                        return;
+                    }
                     Some(Ok(Message::Pong(_))) => pong_deadline = None,
                     Some(Ok(Message::Text(text))) => {
                         handle_client_frame(state, agent, ack_mode, &text);
