@@ -27,6 +27,7 @@ use axum::response::Response;
 use serde_json::{Value, json};
 use tokio::sync::mpsc;
 use tokio::time::{Instant, MissedTickBehavior};
+use tracing::Instrument;
 
 use super::AppState;
 use super::auth;
@@ -167,7 +168,10 @@ pub async fn upgrade(
         },
     };
     let tracker = state.tracker.clone();
-    ws.on_upgrade(move |socket| tracker.track_future(run_socket(state, socket, pre)))
+    let span = tracing::debug_span!("ws_socket");
+    ws.on_upgrade(move |socket| {
+        tracker.track_future(run_socket(state, socket, pre).instrument(span))
+    })
 }
 
 async fn send_close(socket: &mut WebSocket, code: u16, reason: &str) {

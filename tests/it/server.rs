@@ -326,6 +326,13 @@ async fn common_http_behaviour() {
     let res = api.get(None, "/v1/nothing-here").await;
     assert_eq!(res.status(), StatusCode::NOT_FOUND);
     assert_eq!(res.text().await.expect("text"), "404 Not Found");
+    let res = api
+        .http
+        .delete(format!("{}/v1/health", api.base))
+        .send()
+        .await
+        .expect("sent");
+    assert_eq!(res.status(), StatusCode::NOT_FOUND);
 
     let key = server.seed_agent("alice").await.expect("seed");
     let res = api
