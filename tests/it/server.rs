@@ -443,6 +443,52 @@ async fn replayed_client_msg_id_returns_the_original_once() {
 }
 
 #[tokio::test]
+async fn concurrent_sends_get_distinct_seqs_and_one_row_per_client_msg_id() {
+    let server = start_default().await;
+    let api = std::sync::Arc::new(Api::new(&server));
+    let (alice, bob) = pair(&server, &api, "alice", "bob").await;
+
+    let mut tasks = Vec::new();
+    for i in 0..20 {
+        let (api, alice) = (api.clone(), alice.clone());
+        // Half of the requests reuse one client_msg_id; the rest are distinct.
+        let id = if i % 2 == 0 {
+            "shared".to_owned()
+        } else {
+            format!("own-{i}")
+        };
+        tasks.push(tokio::spawn(async move {
+            let res = api.send(&alice, "bob", &id, "x").await;
+            let status = res.status();
+            let body: Value = res.json().await.expect("json");
+            (status, body)
+        }));
+    }
+    let mut created_seqs = Vec::new();
+    let mut shared_ids = std::collections::HashSet::new();
+    for task in tasks {
+        let (status, body) = task.await.expect("joined");
+        assert!(
+            status == StatusCode::CREATED || status == StatusCode::OK,
+            "{status}"
+        );
+        if body["client_msg_id"] == "shared" {
+            shared_ids.insert(body["id"].as_str().expect("id").to_owned());
+        }
+        if status == StatusCode::CREATED {
+            created_seqs.push(body["seq"].as_i64().expect("seq"));
+        }
+    }
+    created_seqs.sort_unstable();
+    // 10 distinct ids + 1 shared one, after seqs 1 and 2 used by `pair`.
+    assert_eq!(created_seqs, (3..=13).collect::<Vec<_>>());
+    assert_eq!(shared_ids.len(), 1);
+    // Bob holds alice's opener plus the 11 new messages.
+    assert_eq!(api.sync(&bob, "").await.len(), 12);
+    server.shutdown().await;
+}
+
+#[tokio::test]
 async fn seq_counts_per_conversation() {
     let server = start_default().await;
     let api = Api::new(&server);
@@ -479,6 +525,15 @@ async fn content_cap_is_exactly_32768_bytes() {
     assert_eq!(
         api.post(Some(&alice), "/v1/messages", body).await.status(),
         StatusCode::CREATED
+    );
+
+    // A body beyond the transport limit still gets the JSON error envelope.
+    let huge = json!({ "to": "bob", "client_msg_id": "huge",
+                       "content": { "text": "x".repeat(3 << 20) } });
+    let res = api.post(Some(&alice), "/v1/messages", huge).await;
+    assert_eq!(
+        error_code(res).await,
+        (StatusCode::PAYLOAD_TOO_LARGE, "CONTENT_TOO_LARGE".into())
     );
 
     let too_big = "x".repeat(32_768 - 11 - 2 + 1);
