@@ -6,7 +6,7 @@
 //! realtime channel. Groups, contacts, uploads, webhooks and presence are not served.
 //!
 //! Code map:
-//! - [`mod@self`]: configuration, [`LocalServer`] lifecycle, router, request ids;
+//! - this file: configuration, [`LocalServer`] lifecycle, router, request ids;
 //! - `auth`: handles, registration, keys, Bearer extraction, profiles;
 //! - `messages`: send, sync, ack, history, read, hide, conversation list;
 //! - `ws`: the realtime channel and the live-socket registry (see its docs for the delivery

@@ -71,9 +71,10 @@ impl Hub {
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Registers a socket of `agent_id`, first queueing `initial` frames on it. Because the
-    /// caller computes `initial` under the hub lock (see [`Hub::register_with`]), a message
-    /// committed concurrently reaches the socket either by the drain or live, never by neither.
+    /// Registers a socket of `agent_id`, first queueing the frames `initial` returns. `initial`
+    /// runs under the hub lock, and a send pushes (under the same lock) only after its commit,
+    /// so a message committed concurrently reaches the new socket by the drain, live, or both,
+    /// never by neither.
     fn register_with<F>(
         &self,
         agent_id: &str,
@@ -192,8 +193,11 @@ async fn finish_close_handshake(socket: &mut WebSocket) {
 
 /// The outcome of waiting for a HELLO frame.
 enum Hello {
+    /// Authenticated; `wants_ack` when the HELLO listed the `ack` capability.
     Ok { agent: AgentRow, wants_ack: bool },
+    /// Close the socket with this code and reason.
     Rejected { code: u16, reason: &'static str },
+    /// The client went away first.
     Gone,
 }
 
@@ -202,7 +206,9 @@ async fn await_hello(state: &AppState, socket: &mut WebSocket) -> Hello {
     loop {
         let next = tokio::select! {
             next = tokio::time::timeout_at(deadline, socket.recv()) => next,
-            () = state.shutdown.cancelled() => return Hello::Gone,
+            () = state.shutdown.cancelled() => {
+                return Hello::Rejected { code: 1001, reason: "Server shutting down" };
+            }
         };
         let text = match next {
             Err(_elapsed) => {

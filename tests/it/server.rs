@@ -1243,9 +1243,13 @@ async fn test_hook_and_shutdown_close_sockets_with_their_codes() {
     assert_eq!(server.drop_sockets("nobody", 4000).await, 0);
 
     let (mut ws3, _) = ws_hello(&server, &bob, &[]).await;
+    // A socket still owing its HELLO is closed the same way.
+    let mut ws4 = ws_connect(&server).await;
     let shutdown = tokio::spawn(server.shutdown());
-    let (code, _) = close_frame(&mut ws3).await.expect("close frame");
-    assert_eq!(CloseCode::from(code), CloseCode::Away);
+    for ws in [&mut ws3, &mut ws4] {
+        let (code, _) = close_frame(ws).await.expect("close frame");
+        assert_eq!(CloseCode::from(code), CloseCode::Away);
+    }
     tokio::time::timeout(WAIT, shutdown)
         .await
         .expect("shutdown finishes")
