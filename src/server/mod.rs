@@ -266,6 +266,7 @@ impl Drop for LocalServer {
 
 fn router(state: Arc<AppState>) -> Router {
     Router::new()
+        .route("/", get(root))
         .route("/v1/health", get(health))
         .route("/v1/register", post(auth::register))
         .route("/v1/register/verify", post(auth::verify))
@@ -285,6 +286,12 @@ fn router(state: Arc<AppState>) -> Router {
         .method_not_allowed_fallback(not_found)
         .layer(axum::middleware::from_fn(request_id))
         .with_state(state)
+}
+
+async fn root() -> axum::Json<serde_json::Value> {
+    axum::Json(
+        serde_json::json!({ "name": "AgentChat API", "version": "0.2.0", "status": "alive" }),
+    )
 }
 
 async fn health() -> axum::Json<serde_json::Value> {

@@ -323,6 +323,9 @@ async fn common_http_behaviour() {
         .expect("sent");
     assert_eq!(res.headers()["x-request-id"], "req-123");
 
+    let root: Value = api.get(None, "/").await.json().await.expect("json");
+    assert_eq!(root["status"], "alive");
+
     let res = api.get(None, "/v1/nothing-here").await;
     assert_eq!(res.status(), StatusCode::NOT_FOUND);
     assert_eq!(res.text().await.expect("text"), "404 Not Found");

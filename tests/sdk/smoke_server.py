@@ -56,8 +56,9 @@ async def main(base):
 
     received = []
     connected = []
-    bob_async = AsyncAgentChatClient(api_key=bob_key, base_url=base)
-    rt = RealtimeClient(api_key=bob_key, base_url=ws_base, client=bob_async, reconnect=False)
+    # No REST client on the realtime side: the SDK's own REST drain stays off, so the offline
+    # message can only arrive through the server's drain on connect.
+    rt = RealtimeClient(api_key=bob_key, base_url=ws_base, reconnect=False)
     rt.on("message.new", lambda frame: received.append(frame["payload"]))
     rt.on_connect(lambda: connected.append(True))
     errors = []
@@ -67,7 +68,7 @@ async def main(base):
     check(rt._ack_mode, "server accepted the ack capability")
     check(
         await wait_for(lambda: any(m["id"] == first.message["id"] for m in received)),
-        "offline message delivered on connect",
+        "offline message delivered by the server's drain on connect",
     )
 
     # Bob answers, which establishes the thread so Alice may send again.
@@ -78,7 +79,22 @@ async def main(base):
         "live message pushed over the socket",
     )
     check(live.message["seq"] == 3, "seq continues across both senders")
-    check(await wait_for(lambda: bob.sync() == []), "ws acks left nothing to sync")
+    check(await wait_for(lambda: bob.sync() == []), "ws ack frames left nothing to sync")
+    await rt.disconnect()
+
+    # The SDK's REST drain (auto-drain on hello.ok when a REST client is attached).
+    pending = alice.send_message(to=bob_h, text="drained over REST").message
+    drained = []
+    bob_async = AsyncAgentChatClient(api_key=bob_key, base_url=base)
+    rt = RealtimeClient(api_key=bob_key, base_url=ws_base, client=bob_async, reconnect=False)
+    rt.on("message.new", lambda frame: drained.append(frame["payload"]))
+    rt.on_error(lambda err: errors.append(err))
+    await rt.connect()
+    check(
+        await wait_for(lambda: any(m["id"] == pending["id"] for m in drained)),
+        "message pending at connect delivered once connected with a REST client",
+    )
+    check(await wait_for(lambda: bob.sync() == []), "nothing left to sync after that drain")
     await rt.disconnect()
     await bob_async.aclose()
 
@@ -93,7 +109,7 @@ async def main(base):
     check(bob.sync() == [], "nothing left after ack")
 
     history = bob.get_messages(first.message["conversation_id"], after_seq=0, limit=10)
-    check([m["seq"] for m in history] == [1, 2, 3, 4, 5, 6], "history after_seq in order")
+    check([m["seq"] for m in history] == [1, 2, 3, 4, 5, 6, 7], "history after_seq in order")
 
     try:
         alice.send_message(to="nobody-here", text="x")
