@@ -5,7 +5,6 @@
 use std::sync::Arc;
 
 use axum::Json;
-use axum::body::Bytes;
 use axum::extract::{FromRequestParts, Path, State};
 use axum::http::request::Parts;
 use axum::http::{StatusCode, header};
@@ -14,7 +13,7 @@ use serde_json::{Map, Value, json};
 
 use super::AppState;
 use super::db::{self, AgentRow, PendingRow};
-use super::errors::{ApiError, FieldErrors, ServerError, parse_json_object};
+use super::errors::{ApiError, FieldErrors, RawBody, ServerError, parse_json_object};
 use super::ids;
 
 /// How long a pending registration accepts its code.
@@ -302,9 +301,9 @@ fn email_ok(email: &str) -> bool {
 /// `POST /v1/register`: validates and parks the registration until the code is verified.
 pub async fn register(
     State(state): State<Arc<AppState>>,
-    body: Bytes,
+    body: RawBody,
 ) -> Result<Response, ApiError> {
-    let body = parse_json_object(&body)?;
+    let body = parse_json_object(body)?;
     let mut errors = FieldErrors::default();
     let email = match body.get("email") {
         Some(Value::String(e)) if email_ok(e) => Some(e.clone()),
@@ -381,8 +380,11 @@ fn expired() -> ApiError {
 }
 
 /// `POST /v1/register/verify`: checks the dev code and creates the agent with its key.
-pub async fn verify(State(state): State<Arc<AppState>>, body: Bytes) -> Result<Response, ApiError> {
-    let body = parse_json_object(&body)?;
+pub async fn verify(
+    State(state): State<Arc<AppState>>,
+    body: RawBody,
+) -> Result<Response, ApiError> {
+    let body = parse_json_object(body)?;
     let mut errors = FieldErrors::default();
     let pending_id = match body.get("pending_id") {
         Some(Value::String(p)) if !p.is_empty() => Some(p.clone()),

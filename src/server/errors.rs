@@ -142,9 +142,25 @@ impl FieldErrors {
     }
 }
 
-/// Parses a request body as a JSON object; anything else is a 400 `VALIDATION_ERROR`.
-pub fn parse_json_object(body: &[u8]) -> Result<Map<String, Value>, ApiError> {
-    match serde_json::from_slice::<Value>(body) {
+/// A request body as handlers take it, so a body-read failure still gets a JSON error.
+pub type RawBody = Result<axum::body::Bytes, axum::extract::rejection::BytesRejection>;
+
+/// Parses a request body as a JSON object; anything else is a 400 `VALIDATION_ERROR`, and a
+/// body beyond the transport limit (2 MiB) is a 413 `CONTENT_TOO_LARGE`.
+pub fn parse_json_object(body: RawBody) -> Result<Map<String, Value>, ApiError> {
+    let body = match body {
+        Ok(body) => body,
+        Err(rejection) if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE => {
+            let message = "Request body too large";
+            return Err(ApiError::new(
+                rejection.status(),
+                "CONTENT_TOO_LARGE",
+                message,
+            ));
+        }
+        Err(rejection) => return Err(ApiError::validation(rejection.body_text())),
+    };
+    match serde_json::from_slice::<Value>(&body) {
         Ok(Value::Object(map)) => Ok(map),
         Ok(_) => Err(ApiError::validation("Request body must be a JSON object")),
         Err(_) => Err(ApiError::validation("Invalid JSON body")),

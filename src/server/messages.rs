@@ -11,7 +11,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Json;
-use axum::body::Bytes;
 use axum::extract::rejection::QueryRejection;
 use axum::extract::{Path, Query, State};
 use axum::http::{HeaderValue, StatusCode};
@@ -22,7 +21,7 @@ use serde_json::{Map, Value, json};
 use super::AppState;
 use super::auth::{self, Caller};
 use super::db::{self, AgentRow, ConversationRow, HistoryCursor, MessageRow, MessageWithEnvelope};
-use super::errors::{ApiError, FieldErrors, parse_json_object};
+use super::errors::{ApiError, FieldErrors, RawBody, parse_json_object};
 use super::ids;
 use super::ws::{Outbound, message_frame};
 
@@ -173,9 +172,9 @@ enum SendOutcome {
 pub async fn send(
     State(state): State<Arc<AppState>>,
     Caller(sender): Caller,
-    body: Bytes,
+    body: RawBody,
 ) -> Result<Response, ApiError> {
-    let body = parse_json_object(&body)?;
+    let body = parse_json_object(body)?;
     let req = validate_send(&body)?;
 
     // Size: UTF-8 bytes of JSON(content) + JSON(metadata); absent metadata counts as `{}`.
@@ -433,9 +432,9 @@ pub async fn sync(
 pub async fn sync_ack(
     State(state): State<Arc<AppState>>,
     Caller(agent): Caller,
-    body: Bytes,
+    body: RawBody,
 ) -> Result<Json<Value>, ApiError> {
-    let body = parse_json_object(&body)?;
+    let body = parse_json_object(body)?;
     let cursor = match body.get("last_delivery_id") {
         Some(Value::String(c)) if !c.is_empty() => c.clone(),
         _ => {

@@ -6,7 +6,7 @@
 //! realtime channel. Groups, contacts, uploads, webhooks and presence are not served.
 //!
 //! Code map:
-//! - [`mod@self`]: configuration, [`LocalServer`] lifecycle, router, request ids;
+//! - this file: configuration, [`LocalServer`] lifecycle, router, request ids;
 //! - `auth`: handles, registration, keys, Bearer extraction, profiles;
 //! - `messages`: send, sync, ack, history, read, hide, conversation list;
 //! - `ws`: the realtime channel and the live-socket registry (see its docs for the delivery
@@ -108,14 +108,23 @@ impl Default for ServerConfig {
 
 /// State shared by every request and socket task.
 struct AppState {
+    /// All durable state: agents, conversations, messages, envelopes.
     db: db::Db,
+    /// The only source of "now".
     clock: Clock,
+    /// Caps from the configuration.
     limits: Limits,
+    /// The dev verification code accepted by `/v1/register/verify`.
     verification_code: String,
+    /// Time between server pings on a socket.
     ping_interval: Duration,
+    /// How long a ping may stay unanswered.
     pong_timeout: Duration,
+    /// How long a new socket may take to send its HELLO.
     hello_timeout: Duration,
+    /// Per-sender send counters (memory only; they reset on restart, like a 1 s bucket would).
     limiter: limits::SendRateLimiter,
+    /// Live sockets by agent, for pushes and the test hook.
     hub: ws::Hub,
     /// Cancelled once, at shutdown; sockets close 1001 when they see it.
     shutdown: CancellationToken,
@@ -127,7 +136,8 @@ struct AppState {
 pub struct LocalServer {
     addr: SocketAddr,
     state: Arc<AppState>,
-    serve: JoinHandle<std::io::Result<()>>,
+    /// The accept loop; `None` only once `shutdown` has taken it.
+    serve: Option<JoinHandle<std::io::Result<()>>>,
 }
 
 impl LocalServer {
@@ -171,7 +181,11 @@ impl LocalServer {
                 .await
         });
         tracing::info!(%addr, "local server listening");
-        Ok(LocalServer { addr, state, serve })
+        Ok(LocalServer {
+            addr,
+            state,
+            serve: Some(serve),
+        })
     }
 
     /// The bound address (useful after binding port 0).
@@ -219,13 +233,17 @@ impl LocalServer {
 
     /// Stops accepting, closes every socket with 1001 and returns once connections are done
     /// (or after a short grace period).
-    pub async fn shutdown(self) {
+    pub async fn shutdown(mut self) {
         tracing::info!(addr = %self.addr, "local server shutting down");
         self.state.shutdown.cancel();
         self.state.tracker.close();
-        let drained = tokio::time::timeout(SHUTDOWN_GRACE, async {
-            let serve_result = self.serve.await;
-            self.state.tracker.wait().await;
+        let Some(serve) = self.serve.take() else {
+            return;
+        };
+        let state = self.state.clone();
+        let drained = tokio::time::timeout(SHUTDOWN_GRACE, async move {
+            let serve_result = serve.await;
+            state.tracker.wait().await;
             serve_result
         })
         .await;
@@ -238,8 +256,17 @@ impl LocalServer {
     }
 }
 
+impl Drop for LocalServer {
+    /// A server dropped without [`LocalServer::shutdown`] (say, by a failing test) still stops
+    /// accepting and closes its sockets, in the background.
+    fn drop(&mut self) {
+        self.state.shutdown.cancel();
+    }
+}
+
 fn router(state: Arc<AppState>) -> Router {
     Router::new()
+        .route("/", get(root))
         .route("/v1/health", get(health))
         .route("/v1/register", post(auth::register))
         .route("/v1/register/verify", post(auth::verify))
@@ -259,6 +286,12 @@ fn router(state: Arc<AppState>) -> Router {
         .method_not_allowed_fallback(not_found)
         .layer(axum::middleware::from_fn(request_id))
         .with_state(state)
+}
+
+async fn root() -> axum::Json<serde_json::Value> {
+    axum::Json(
+        serde_json::json!({ "name": "AgentChat API", "version": "0.2.0", "status": "alive" }),
+    )
 }
 
 async fn health() -> axum::Json<serde_json::Value> {

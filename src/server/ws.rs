@@ -27,6 +27,7 @@ use axum::response::Response;
 use serde_json::{Value, json};
 use tokio::sync::mpsc;
 use tokio::time::{Instant, MissedTickBehavior};
+use tracing::Instrument;
 
 use super::AppState;
 use super::auth;
@@ -70,9 +71,10 @@ impl Hub {
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Registers a socket of `agent_id`, first queueing `initial` frames on it. Because the
-    /// caller computes `initial` under the hub lock (see [`Hub::register_with`]), a message
-    /// committed concurrently reaches the socket either by the drain or live, never by neither.
+    /// Registers a socket of `agent_id`, first queueing the frames `initial` returns. `initial`
+    /// runs under the hub lock, and a send pushes (under the same lock) only after its commit,
+    /// so a message committed concurrently reaches the new socket by the drain, live, or both,
+    /// never by neither.
     fn register_with<F>(
         &self,
         agent_id: &str,
@@ -167,7 +169,10 @@ pub async fn upgrade(
         },
     };
     let tracker = state.tracker.clone();
-    ws.on_upgrade(move |socket| tracker.track_future(run_socket(state, socket, pre)))
+    let span = tracing::debug_span!("ws_socket");
+    ws.on_upgrade(move |socket| {
+        tracker.track_future(run_socket(state, socket, pre).instrument(span))
+    })
 }
 
 async fn send_close(socket: &mut WebSocket, code: u16, reason: &str) {
@@ -179,10 +184,20 @@ async fn send_close(socket: &mut WebSocket, code: u16, reason: &str) {
     let _ = socket.send(Message::Close(Some(frame))).await;
 }
 
+/// Answers a client's close frame. The WebSocket layer queues the reply when it reads the
+/// client's frame but only writes it on the next flush; without this the client sees the
+/// connection end with "no close frame received".
+async fn finish_close_handshake(socket: &mut WebSocket) {
+    let _ = futures_util::SinkExt::flush(socket).await;
+}
+
 /// The outcome of waiting for a HELLO frame.
 enum Hello {
+    /// Authenticated; `wants_ack` when the HELLO listed the `ack` capability.
     Ok { agent: AgentRow, wants_ack: bool },
+    /// Close the socket with this code and reason.
     Rejected { code: u16, reason: &'static str },
+    /// The client went away first.
     Gone,
 }
 
@@ -191,7 +206,9 @@ async fn await_hello(state: &AppState, socket: &mut WebSocket) -> Hello {
     loop {
         let next = tokio::select! {
             next = tokio::time::timeout_at(deadline, socket.recv()) => next,
-            () = state.shutdown.cancelled() => return Hello::Gone,
+            () = state.shutdown.cancelled() => {
+                return Hello::Rejected { code: 1001, reason: "Server shutting down" };
+            }
         };
         let text = match next {
             Err(_elapsed) => {
@@ -200,7 +217,11 @@ async fn await_hello(state: &AppState, socket: &mut WebSocket) -> Hello {
                     reason: "HELLO frame required",
                 };
             }
-            Ok(None | Some(Err(_)) | Some(Ok(Message::Close(_)))) => return Hello::Gone,
+            Ok(None | Some(Err(_))) => return Hello::Gone,
+            Ok(Some(Ok(Message::Close(_)))) => {
+                finish_close_handshake(socket).await;
+                return Hello::Gone;
+            }
             // Control frames are not application frames; keep waiting for the HELLO.
             Ok(Some(Ok(Message::Ping(_) | Message::Pong(_)))) => continue,
             Ok(Some(Ok(Message::Binary(_)))) => {
@@ -353,7 +374,11 @@ async fn serve_socket(
             }
             incoming = socket.recv() => {
                 match incoming {
-                    None | Some(Err(_)) | Some(Ok(Message::Close(_))) => return,
+                    None | Some(Err(_)) => return,
+                    Some(Ok(Message::Close(_))) => {
+                        finish_close_handshake(socket).await;
+                        return;
+                    }
                     Some(Ok(Message::Pong(_))) => pong_deadline = None,
                     Some(Ok(Message::Text(text))) => {
                         handle_client_frame(state, agent, ack_mode, &text);
