@@ -343,7 +343,10 @@ pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
         Some(ms) => ctx.in_range("inbox.poll_interval_ms", ms, 50, 3_600_000)?,
         None => DEFAULT_POLL_INTERVAL_MS,
     };
-    let outbox = raw.outbox.unwrap_or(RawOutbox { requests_per_second: None, window_margin_ms: None });
+    let outbox = raw.outbox.unwrap_or(RawOutbox {
+        requests_per_second: None,
+        window_margin_ms: None,
+    });
     let requests_per_second = match &outbox.requests_per_second {
         Some(rps) => {
             let value = ctx.in_range("outbox.requests_per_second", rps, 1, 1_000)?;

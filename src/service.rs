@@ -86,7 +86,10 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Serv
     tracing::info!(plugins = ?plugins.plugin_ids(), state = %store.path().display(), "loaded");
 
     let client = Client::new(&config.api_base, key.clone())?;
-    let limiter = Arc::new(RateLimiter::per_second(config.requests_per_second, config.window_margin));
+    let limiter = Arc::new(RateLimiter::per_second(
+        config.requests_per_second,
+        config.window_margin,
+    ));
     let Some(me) = identify(&client, &limiter, &shutdown).await? else {
         return Ok(());
     };

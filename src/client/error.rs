@@ -146,26 +146,33 @@ pub enum Disposition {
     Permanent,
 }
 
+/// The server's error answer.
+#[derive(Debug, Clone)]
+pub struct ErrorReply {
+    /// HTTP status.
+    pub status: u16,
+    /// The error code from the body, or the status fallback.
+    pub code: ErrorCode,
+    /// The server's human text.
+    pub message: String,
+    /// `details` from the body, when present.
+    pub details: Option<serde_json::Value>,
+    /// Retry-After (header, else `retry_after_ms` in the body), when present.
+    pub retry_after: Option<Duration>,
+}
+
 /// A failed API call.
 #[derive(Debug, thiserror::Error)]
 pub enum ApiError {
     /// The server answered with an error status.
-    #[error("{method} {path} failed with {status} {code:?}: {message}")]
+    #[error("{method} {path} failed with {} {:?}: {}", reply.status, reply.code, reply.message)]
     Status {
         /// HTTP method of the request.
         method: &'static str,
         /// Path of the request (no query, no key).
         path: String,
-        /// HTTP status.
-        status: u16,
-        /// The error code from the body, or the status fallback.
-        code: ErrorCode,
-        /// The server's human text.
-        message: String,
-        /// `details` from the body, when present.
-        details: Option<serde_json::Value>,
-        /// Retry-After (header, else `retry_after_ms` in the body), when present.
-        retry_after: Option<Duration>,
+        /// What the server said; boxed to keep `Result`s small.
+        reply: Box<ErrorReply>,
     },
     /// The request did not reach the server or the answer was cut off.
     #[error("{method} {path}: network error: {source}")]
@@ -193,7 +200,7 @@ impl ApiError {
     /// The error code, when the server gave one.
     pub fn code(&self) -> Option<&ErrorCode> {
         match self {
-            Self::Status { code, .. } => Some(code),
+            Self::Status { reply, .. } => Some(&reply.code),
             _ => None,
         }
     }
@@ -201,7 +208,7 @@ impl ApiError {
     /// The HTTP status, when the server answered.
     pub fn status(&self) -> Option<u16> {
         match self {
-            Self::Status { status, .. } => Some(*status),
+            Self::Status { reply, .. } => Some(reply.status),
             _ => None,
         }
     }
@@ -209,7 +216,7 @@ impl ApiError {
     /// How long the server asked us to wait, when it did.
     pub fn retry_after(&self) -> Option<Duration> {
         match self {
-            Self::Status { retry_after, .. } => *retry_after,
+            Self::Status { reply, .. } => reply.retry_after,
             _ => None,
         }
     }
@@ -221,7 +228,7 @@ impl ApiError {
             // A 2xx body we cannot read will most likely read the same next time, but the
             // request may well have taken effect; callers that resend rely on idempotency.
             Self::Decode { .. } => Disposition::Transient,
-            Self::Status { status, code, .. } => match (status, code) {
+            Self::Status { reply, .. } => match (reply.status, &reply.code) {
                 (_, ErrorCode::Unauthorized | ErrorCode::Suspended) => Disposition::Fatal,
                 (429, _) | (_, ErrorCode::RateLimited | ErrorCode::RecipientBacklogged) => {
                     Disposition::Throttled
@@ -298,14 +305,17 @@ mod tests {
     }
 
     fn status(status: u16, code: ErrorCode) -> ApiError {
-        ApiError::Status {
-            method: "POST",
-            path: "/v1/messages".into(),
+        let reply = ErrorReply {
             status,
             code,
             message: String::new(),
             details: None,
             retry_after: None,
+        };
+        ApiError::Status {
+            method: "POST",
+            path: "/v1/messages".into(),
+            reply: Box::new(reply),
         }
     }
 

@@ -13,7 +13,7 @@ use reqwest::header::{AUTHORIZATION, HeaderMap, RETRY_AFTER};
 use reqwest::{Method, StatusCode};
 use serde::de::DeserializeOwned;
 
-pub use error::{ApiError, Disposition, ErrorCode, parse_retry_after};
+pub use error::{ApiError, Disposition, ErrorCode, ErrorReply, parse_retry_after};
 pub use types::{AckResult, Content, Me, Message, SendOutcome, SendRequest, SyncRow};
 
 use crate::config::ApiKey;
@@ -253,14 +253,17 @@ fn error_from_reply(
         .and_then(|v| v.to_str().ok())
         .and_then(|v| parse_retry_after(v, SystemTime::now()))
         .or(body_retry_ms.map(Duration::from_millis));
-    ApiError::Status {
-        method,
-        path: path.to_owned(),
+    let reply = ErrorReply {
         status: status.as_u16(),
         code,
         message,
         details,
         retry_after,
+    };
+    ApiError::Status {
+        method,
+        path: path.to_owned(),
+        reply: Box::new(reply),
     }
 }
 
@@ -299,13 +302,7 @@ mod tests {
         );
         assert_eq!(err.code(), Some(&ErrorCode::RateLimited));
         assert_eq!(err.retry_after(), Some(Duration::from_secs(2)));
-        assert!(matches!(
-            err,
-            ApiError::Status {
-                details: Some(_),
-                ..
-            }
-        ));
+        assert!(matches!(err, ApiError::Status { reply, .. } if reply.details.is_some()));
     }
 
     #[test]

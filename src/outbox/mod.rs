@@ -230,8 +230,11 @@ impl Outbox {
             Ok(request) => request,
             Err(err) => return Outcome::Dead(format!("queued request is not valid: {err}")),
         };
-        let priority =
-            if send.origin.starts_with("reply:") { Priority::High } else { Priority::Normal };
+        let priority = if send.origin.starts_with("reply:") {
+            Priority::High
+        } else {
+            Priority::Normal
+        };
         self.limiter.acquire(priority).await;
         match self.client.send_message(&request).await {
             Ok(outcome) => {

@@ -56,7 +56,9 @@ async fn ws(State(seen): State<Seen>, upgrade: WebSocketUpgrade) -> impl IntoRes
 }
 
 async fn serve_garbage(mut socket: WebSocket, seen: Seen) {
-    let Some(Ok(Frame::Text(_hello))) = socket.recv().await else { return };
+    let Some(Ok(Frame::Text(_hello))) = socket.recv().await else {
+        return;
+    };
     let frames = [
         json!({"type": "hello.ok", "capabilities": ["ack"]}).to_string(),
         "not json at all".to_owned(),
@@ -98,7 +100,10 @@ async fn sync(State(seen): State<Seen>) -> axum::response::Response {
 }
 
 async fn ack(State(seen): State<Seen>, Json(body): Json<Value>) -> Json<Value> {
-    let cursor = body["last_delivery_id"].as_str().unwrap_or_default().to_owned();
+    let cursor = body["last_delivery_id"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
     seen.acks.lock().expect("lock").push(cursor);
     Json(json!({"acked": 2}))
 }
@@ -112,7 +117,9 @@ async fn start_fake() -> (String, Seen, tokio::task::JoinHandle<()>) {
         .route("/v1/messages/sync/ack", post(ack))
         .route("/v1/ws", get(ws))
         .with_state(seen.clone());
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
     let base = format!("http://{}", listener.local_addr().expect("addr"));
     let task = tokio::spawn(async move {
         let _ = axum::serve(listener, app).await;
@@ -139,20 +146,31 @@ async fn garbage_websocket_frames_are_quarantined_and_good_messages_answered() {
     let daemon = Daemon::spawn(config.clone());
 
     wait_for("the ack of the good message", || {
-        seen.acks.lock().expect("lock").contains(&"msg_good".to_owned())
+        seen.acks
+            .lock()
+            .expect("lock")
+            .contains(&"msg_good".to_owned())
     })
     .await;
     wait_for("the reply", || !seen.sends.lock().expect("lock").is_empty()).await;
     let reply = seen.sends.lock().expect("lock")[0].clone();
     assert_eq!(reply["to"], "alice");
     assert_eq!(reply["content"]["text"], "echo: hi");
-    assert_eq!(seen.acks.lock().expect("lock").as_slice(), ["msg_good"], "only the good one is acked");
+    assert_eq!(
+        seen.acks.lock().expect("lock").as_slice(),
+        ["msg_good"],
+        "only the good one is acked"
+    );
     assert!(!daemon.task.is_finished(), "the daemon keeps serving");
     daemon.stop().await;
     server.abort();
 
     let store = Store::open(&config.state_dir).expect("store");
-    assert_eq!(store.quarantined().await.expect("count"), 3, "text, payload and binary garbage kept");
+    assert_eq!(
+        store.quarantined().await.expect("count"),
+        3,
+        "text, payload and binary garbage kept"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -164,10 +182,19 @@ async fn malformed_sync_answers_are_survived_and_bad_rows_quarantined() {
     let daemon = Daemon::spawn(config.clone());
 
     let last = format!("del_{}", "b".repeat(32));
-    wait_for("the page ack", || seen.acks.lock().expect("lock").contains(&last)).await;
+    wait_for("the page ack", || {
+        seen.acks.lock().expect("lock").contains(&last)
+    })
+    .await;
     wait_for("the reply", || !seen.sends.lock().expect("lock").is_empty()).await;
-    assert_eq!(seen.sends.lock().expect("lock")[0]["content"]["text"], "echo: hi");
-    assert!(*seen.sync_calls.lock().expect("lock") >= 2, "the unparsable answer was retried");
+    assert_eq!(
+        seen.sends.lock().expect("lock")[0]["content"]["text"],
+        "echo: hi"
+    );
+    assert!(
+        *seen.sync_calls.lock().expect("lock") >= 2,
+        "the unparsable answer was retried"
+    );
     daemon.stop().await;
     server.abort();
 
