@@ -96,7 +96,8 @@ impl WsInbox<'_> {
             }
             attempt = attempt.saturating_add(1);
             let pause = backoff.delay(attempt);
-            tracing::warn!(error = %err, attempt, retry_in_ms = pause.as_millis(), "inbox disconnected");
+            let retry_in_ms = pause.as_millis();
+            tracing::warn!(error = %err, attempt, retry_in_ms, "inbox disconnected");
             tokio::select! {
                 () = shutdown.cancelled() => return Ok(WsEnd::Shutdown),
                 () = tokio::time::sleep(pause) => {}

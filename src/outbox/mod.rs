@@ -216,7 +216,8 @@ impl Outbox {
                 }
             }
             Outcome::Dead(error) => {
-                tracing::error!(client_msg_id = %send.client_msg_id, error = %error, "send refused; dead-lettered");
+                let client_msg_id = &send.client_msg_id;
+                tracing::error!(%client_msg_id, error = %error, "send refused; dead-lettered");
                 self.store.mark_dead(send.id, error, now).await?;
             }
             Outcome::Fatal(err) => return Err(OutboxError::Fatal(err)),
@@ -239,7 +240,8 @@ impl Outbox {
         match self.client.send_message(&request).await {
             Ok(outcome) => {
                 if let Some((handle, count)) = &outcome.backlog_warning {
-                    tracing::warn!(recipient = %handle, undelivered = count, "recipient backlog is high");
+                    let undelivered = count;
+                    tracing::warn!(recipient = %handle, undelivered, "recipient backlog is high");
                 }
                 Outcome::Sent(outcome.message.id)
             }
