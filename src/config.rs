@@ -21,6 +21,8 @@ const DEFAULT_PLUGIN_MEMORY_MIB: u64 = 32;
 const DEFAULT_POLL_INTERVAL_MS: u64 = 2_000;
 /// Default ceiling on the requests the daemon makes per second (the platform allows 60).
 const DEFAULT_REQUESTS_PER_SECOND: u32 = 60;
+/// Default number of new threads awaiting a reply allowed per rolling 24 h.
+const DEFAULT_COLD_THREADS_PER_DAY: u32 = 100;
 /// Default slack added to the one-second pacing window, covering request travel-time jitter.
 const DEFAULT_WINDOW_MARGIN_MS: u64 = 40;
 
@@ -179,6 +181,8 @@ pub struct Config {
     /// Slack added to the one-second pacing window so jitter in request travel times cannot
     /// push two windows' worth into one of the server's buckets.
     pub window_margin: Duration,
+    /// New threads the agent may have awaiting a reply per rolling 24 h (the platform's 100).
+    pub cold_threads_per_day: u32,
     /// Plugins in priority order (first runs first).
     pub plugins: Vec<PluginConfig>,
     /// Log output as JSON lines instead of plain text.
@@ -239,6 +243,8 @@ struct RawOutbox {
     requests_per_second: Option<Spanned<u32>>,
     #[serde(default)]
     window_margin_ms: Option<Spanned<u64>>,
+    #[serde(default)]
+    cold_threads_per_day: Option<Spanned<u32>>,
 }
 
 #[derive(Deserialize)]
@@ -346,6 +352,7 @@ pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
     let outbox = raw.outbox.unwrap_or(RawOutbox {
         requests_per_second: None,
         window_margin_ms: None,
+        cold_threads_per_day: None,
     });
     let requests_per_second = match &outbox.requests_per_second {
         Some(rps) => {
@@ -353,6 +360,13 @@ pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
             u32::try_from(value).unwrap_or(u32::MAX)
         }
         None => DEFAULT_REQUESTS_PER_SECOND,
+    };
+    let cold_threads_per_day = match &outbox.cold_threads_per_day {
+        Some(n) => {
+            let value = ctx.in_range("outbox.cold_threads_per_day", n, 0, 100_000)?;
+            u32::try_from(value).unwrap_or(u32::MAX)
+        }
+        None => DEFAULT_COLD_THREADS_PER_DAY,
     };
     let window_margin_ms = match &outbox.window_margin_ms {
         Some(ms) => ctx.in_range("outbox.window_margin_ms", ms, 0, 1_000)?,
@@ -397,6 +411,7 @@ pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
         poll_interval: Duration::from_millis(poll_interval_ms),
         requests_per_second,
         window_margin: Duration::from_millis(window_margin_ms),
+        cold_threads_per_day,
         plugins,
         log_json,
     })

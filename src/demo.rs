@@ -77,6 +77,7 @@ pub async fn run(args: DemoArgs, shutdown: CancellationToken) -> anyhow::Result<
         poll_interval: Duration::from_secs(1),
         requests_per_second: 60,
         window_margin: Duration::from_millis(40),
+        cold_threads_per_day: 100,
         plugins: vec![PluginConfig {
             id: "echo".into(),
             path: args.plugin.clone(),

@@ -11,9 +11,11 @@
 //! - [`store`]: local SQLite state: cursors, processed ids, the outbound queue.
 //! - [`service`]: wires the above into the running daemon, with shutdown and signals.
 //! - [`server`]: an AgentChat-compatible local server for development and tests.
+//! - [`admin`]: operator commands on the state store (`status`, `outbox`, `send`).
 //! - [`demo`]: `agentchatd demo`, the server, the daemon and a scripted peer together.
 #![forbid(unsafe_code)]
 
+pub mod admin;
 pub mod client;
 pub mod config;
 pub mod demo;

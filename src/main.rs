@@ -6,7 +6,8 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use agentchatd::service::ServiceError;
-use agentchatd::{config, service};
+use agentchatd::store::SendState;
+use agentchatd::{admin, config, service};
 use clap::{Parser, Subcommand};
 use tokio_util::sync::CancellationToken;
 
@@ -36,10 +37,62 @@ enum Command {
         #[arg(long, short, default_value = "agentchatd.toml")]
         config: PathBuf,
     },
+    /// Summarise the daemon's state: queue, holds, cold-outreach slots, cursor.
+    Status {
+        /// Path of agentchatd.toml.
+        #[arg(long, short, default_value = "agentchatd.toml")]
+        config: PathBuf,
+    },
+    /// List, retry or drop queued sends and dead letters.
+    Outbox {
+        /// Path of agentchatd.toml.
+        #[arg(long, short, default_value = "agentchatd.toml", global = true)]
+        config: PathBuf,
+        #[command(subcommand)]
+        action: OutboxAction,
+    },
+    /// Queue a text message for the daemon to send (through the same paced queue as replies).
+    Send {
+        /// Path of agentchatd.toml.
+        #[arg(long, short, default_value = "agentchatd.toml")]
+        config: PathBuf,
+        /// Recipient handle.
+        #[arg(long)]
+        to: String,
+        /// Message text.
+        #[arg(long)]
+        text: String,
+        /// An id for this request; repeating a send with the same id queues it only once.
+        #[arg(long)]
+        id: Option<String>,
+    },
     /// Run the local AgentChat-compatible server (for development and tests only).
     DevServer(agentchatd::server::DevServerArgs),
     /// Run the local server, the daemon with a plugin and a peer that talks to it.
     Demo(agentchatd::demo::DemoArgs),
+}
+
+#[derive(Subcommand)]
+enum OutboxAction {
+    /// List sends, newest first.
+    List {
+        /// Only sends in this state.
+        #[arg(long, value_parser = ["pending", "sent", "dead"])]
+        state: Option<String>,
+        /// At most this many rows.
+        #[arg(long, default_value_t = 50)]
+        limit: u32,
+    },
+    /// Put a dead letter back in the queue.
+    Retry {
+        /// The send's id (from `outbox list`).
+        id: i64,
+    },
+    /// Remove a pending or dead send for good.
+    Drop {
+        /// The send's id (from `outbox list`).
+        id: i64,
+    },
 }
 
 fn main() -> ExitCode {
@@ -51,6 +104,35 @@ fn main() -> ExitCode {
             run_tool(|shutdown| agentchatd::server::run_dev_server(args, shutdown))
         }
         Command::Demo(args) => run_tool(|shutdown| agentchatd::demo::run(args, shutdown)),
+        Command::Status { config } => {
+            admin_command(
+                &config,
+                |c| async move { Ok((true, admin::status(&c).await?)) },
+            )
+        }
+        Command::Send {
+            config,
+            to,
+            text,
+            id,
+        } => admin_command(&config, |c| async move {
+            Ok((true, admin::send(&c, &to, &text, id).await?))
+        }),
+        Command::Outbox { config, action } => admin_command(&config, |c| async move {
+            match action {
+                OutboxAction::List { state, limit } => {
+                    let state = match state.as_deref() {
+                        Some("pending") => Some(SendState::Pending),
+                        Some("sent") => Some(SendState::Sent),
+                        Some("dead") => Some(SendState::Dead),
+                        _ => None,
+                    };
+                    Ok((true, admin::list(&c, state, limit).await?))
+                }
+                OutboxAction::Retry { id } => admin::retry(&c, id).await,
+                OutboxAction::Drop { id } => admin::drop_send(&c, id).await,
+            }
+        }),
     }
 }
 
@@ -77,6 +159,45 @@ where
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
             eprintln!("agentchatd: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Runs an operator command on the state store; prints its text, exits 1 when it did nothing.
+fn admin_command<F, Fut>(path: &std::path::Path, command: F) -> ExitCode
+where
+    F: FnOnce(config::Config) -> Fut,
+    Fut: std::future::Future<Output = Result<(bool, String), agentchatd::store::StoreError>>,
+{
+    let config = match config::load(path) {
+        Ok(config) => config,
+        Err(err) => {
+            eprintln!("agentchatd: {err}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(err) => {
+            eprintln!("agentchatd: cannot start the async runtime: {err}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(command(config)) {
+        Ok((done, text)) => {
+            print!("{text}");
+            if done {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            }
+        }
+        Err(err) => {
+            eprintln!("agentchatd: {err}");
             ExitCode::FAILURE
         }
     }

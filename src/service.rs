@@ -18,7 +18,7 @@ use crate::config::{Config, ConfigError, Transport};
 use crate::inbox::poll::Poller;
 use crate::inbox::websocket::{WsEnd, WsInbox};
 use crate::inbox::{InboxError, Processor};
-use crate::outbox::{Backoff, Outbox, OutboxError, Priority, RateLimiter};
+use crate::outbox::{Backoff, Outbox, OutboxError, OutboxSettings, Priority, RateLimiter};
 use crate::plugins::{PluginError, PluginHost, PluginSpec};
 use crate::store::{Store, StoreError};
 
@@ -100,7 +100,16 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Serv
     let tasks = TaskTracker::new();
     let stop = shutdown.child_token();
 
-    let outbox = Outbox::new(store.clone(), client.clone(), Arc::clone(&limiter), wake);
+    let outbox = Outbox::new(
+        store.clone(),
+        client.clone(),
+        Arc::clone(&limiter),
+        wake,
+        OutboxSettings {
+            cold_threads_per_day: config.cold_threads_per_day,
+            ..OutboxSettings::default()
+        },
+    );
     let outbox_stop = stop.clone();
     let outbox_task = tasks.spawn(async move {
         let result = outbox.run(outbox_stop.clone()).await;

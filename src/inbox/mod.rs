@@ -96,6 +96,17 @@ impl Processor {
             return Ok(Handled::Own);
         }
 
+        // The peer wrote: the thread is established, and sends held for its reply may go.
+        if !message.is_group()
+            && self
+                .store
+                .note_peer_wrote(&message.sender, &message.conversation_id, now_ms())
+                .await?
+        {
+            tracing::info!(peer = %message.sender, "peer replied; its thread is established");
+            self.outbox_wake.notify_one();
+        }
+
         let inbound = to_plugin_message(message);
         let verdicts = self.plugins.on_message(&inbound).await;
         let mut sends: Vec<NewSend> = Vec::new();

@@ -1,36 +1,65 @@
 //! The durable outbound queue and the one place that sends messages.
 //!
 //! Every send is first written to the [`Store`] with a client_msg_id derived from its cause,
-//! then sent by [`Outbox::run`]: oldest first within a lane (one conversation), lanes in
-//! parallel, every request paced by one [`RateLimiter`]. Because the key is deterministic, a
-//! resend after a crash is answered by the server's idempotent replay rather than delivered
-//! twice.
+//! then sent by [`Outbox::run`]: oldest first within a lane (one recipient or group), lanes in
+//! parallel, every request paced by the daemon's one [`RateLimiter`]. Because the key is
+//! deterministic, a resend after a crash is answered by the server's idempotent replay rather
+//! than delivered twice.
 //!
-//! Retry rules: limit answers (429) wait for Retry-After in full, or a backoff when it is
-//! absent, and do not use up attempts; server and network failures back off exponentially and
-//! give up after [`MAX_ATTEMPTS`]; refusals that will repeat (4xx) are kept as dead letters
-//! with their reason; an invalid key stops the daemon.
+//! The platform's limits are kept before the server has to enforce them:
+//! - pacing keeps every one-second window within the allowance (see [`pacing`]);
+//! - the thread ledger in the store holds a second message into a thread the agent opened until
+//!   the peer replies, and holds new threads once 100 (configurable) opened in the last 24 h
+//!   still await a reply. Held sends keep their place and are released by the peer's reply or
+//!   when a slot frees; the reason is logged and shown by `agentchatd status`.
+//!
+//! Should the server still refuse, the answer is recorded, never retried blindly:
+//! `AWAITING_REPLY` and a cold-cap 429 go into the ledger and hold the send; a 429 with
+//! Retry-After waits exactly that long (no clamp) without using an attempt;
+//! `RECIPIENT_BACKLOGGED` backs off per recipient; server and network failures back off
+//! exponentially, trip a circuit breaker after repeated failures (limit answers never count as
+//! failures) and give up after [`MAX_ATTEMPTS`]; refusals that would repeat (400, 403, 404, 410,
+//! 413) become dead letters with their reason; an invalid key stops the daemon.
 
 mod pacing;
 
-use std::collections::HashSet;
-use std::sync::Arc;
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use sha2::{Digest, Sha256};
 use tokio::sync::Notify;
 use tokio::task::JoinSet;
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 pub use pacing::{Backoff, InvalidBackoff, Priority, RateLimiter};
 
-use crate::client::{ApiError, Client, Disposition, SendRequest};
-use crate::store::{NewSend, PendingSend, Store, StoreError};
+use crate::client::{ApiError, Client, Disposition, ErrorCode, SendRequest};
+use crate::store::{NewSend, PeerState, PendingSend, Store, StoreError};
 
-/// Attempts of a send that keeps failing for transient reasons before it is dead-lettered.
+/// Default attempts of a send that keeps failing for transient reasons before it is
+/// dead-lettered.
 pub const MAX_ATTEMPTS: u32 = 12;
 /// Sends in flight at once (each in its own lane).
 const MAX_IN_FLIGHT: usize = 16;
+/// Length of the platform's cold-outreach window.
+pub const COLD_WINDOW: Duration = Duration::from_secs(24 * 3600);
+/// How far in the future "held until released" is scheduled.
+const HELD_FOREVER_MS: i64 = i64::MAX / 4;
+/// Longest pause of the queue loop, so sends queued by another process (the CLI) are seen.
+const IDLE_RECHECK: Duration = Duration::from_secs(1);
+
+/// Hold reasons, as stored and shown to the operator.
+pub mod hold {
+    /// A second message into a thread the agent opened; released by the peer's reply.
+    pub const AWAITING_REPLY: &str = "awaiting_reply";
+    /// A new thread while the cold-outreach allowance is used up; released when a slot frees.
+    pub const COLD_CAP: &str = "cold_cap";
+    /// The recipient has too many undelivered messages; retried after a per-recipient backoff.
+    pub const BACKLOG: &str = "backlog";
+}
 
 /// Why the outbox stopped.
 #[derive(Debug, thiserror::Error)]
@@ -43,20 +72,85 @@ pub enum OutboxError {
     Fatal(ApiError),
 }
 
+/// Tunables of the outbox.
+#[derive(Debug, Clone, Copy)]
+pub struct OutboxSettings {
+    /// New threads the agent may have awaiting a reply within [`COLD_WINDOW`].
+    pub cold_threads_per_day: u32,
+    /// Consecutive server or network failures that open the circuit breaker.
+    pub breaker_threshold: u32,
+    /// How long the breaker stays open the first time (doubling on repeated trips, up to 5 min).
+    pub breaker_cooldown: Duration,
+    /// Attempts of a send failing for transient reasons before it is dead-lettered.
+    pub max_attempts: u32,
+    /// First retry delay after a transient failure (doubling, jittered, up to 60 s).
+    pub retry_initial: Duration,
+}
+
+impl Default for OutboxSettings {
+    fn default() -> Self {
+        Self {
+            cold_threads_per_day: 100,
+            breaker_threshold: 5,
+            breaker_cooldown: Duration::from_secs(30),
+            max_attempts: MAX_ATTEMPTS,
+            retry_initial: Duration::from_millis(500),
+        }
+    }
+}
+
+/// Counters of what the outbox did since start, for status and metrics.
+#[derive(Debug, Default)]
+pub struct OutboxStats {
+    /// Sends accepted by the server (201).
+    pub sent: AtomicU64,
+    /// Sends answered as replays of an earlier attempt (200).
+    pub replayed: AtomicU64,
+    /// 429 answers of any kind.
+    pub rate_limited: AtomicU64,
+    /// `X-Backlog-Warning` headers seen.
+    pub backlog_warnings: AtomicU64,
+    /// Sends given up on.
+    pub dead_lettered: AtomicU64,
+    /// Times a send was held by the ledger or a limit answer.
+    pub held: AtomicU64,
+    /// Times the circuit breaker opened.
+    pub breaker_trips: AtomicU64,
+}
+
+impl OutboxStats {
+    fn bump(counter: &AtomicU64) {
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
 /// The idempotency key of reply number `index` that `plugin` gave to message `message_id`.
 pub fn reply_key(message_id: &str, plugin: &str, index: usize) -> String {
+    derived_key("acd", &[message_id, plugin, &index.to_string()])
+}
+
+/// The idempotency key of an operator's send identified by `operator_id`.
+pub fn operator_key(operator_id: &str) -> String {
+    derived_key("aco", &["operator", operator_id])
+}
+
+fn derived_key(prefix: &str, parts: &[&str]) -> String {
     let mut hash = Sha256::new();
-    for part in [message_id, plugin, &index.to_string()] {
+    for part in parts {
         hash.update(part.as_bytes());
         hash.update([0]);
     }
     let digest = hex::encode(hash.finalize());
-    format!("acd-{}", &digest[..40])
+    format!("{prefix}-{}", &digest[..40])
 }
 
 /// Builds the queue entry for a send.
 pub fn new_send(client_msg_id: String, request: &SendRequest, origin: String) -> NewSend {
-    let lane = match (&request.to, &request.conversation_id) {
+    let recipient = request
+        .to
+        .as_ref()
+        .map(|to| to.trim_start_matches('@').to_lowercase());
+    let lane = match (&recipient, &request.conversation_id) {
         (_, Some(conversation)) => conversation.clone(),
         (Some(handle), None) => format!("to:{handle}"),
         (None, None) => String::new(),
@@ -67,41 +161,128 @@ pub fn new_send(client_msg_id: String, request: &SendRequest, origin: String) ->
         lane,
         request_json,
         origin,
+        recipient,
     }
 }
 
-/// The sender task's configuration and shared parts.
+/// Queues a send by the operator (CLI) for the running daemon to deliver. `operator_id`
+/// identifies the request: queuing the same id twice queues one message. Returns the queue's
+/// client_msg_id and whether it was newly queued.
+///
+/// # Errors
+/// On a store failure.
+pub async fn queue_operator_send(
+    store: &Store,
+    to: &str,
+    text: &str,
+    operator_id: &str,
+) -> Result<(String, bool), StoreError> {
+    let key = operator_key(operator_id);
+    let request = SendRequest {
+        to: Some(to.trim_start_matches('@').to_lowercase()),
+        conversation_id: None,
+        client_msg_id: key.clone(),
+        kind: "text".to_owned(),
+        content: crate::client::Content {
+            text: Some(text.to_owned()),
+            ..Default::default()
+        },
+    };
+    let send = new_send(key.clone(), &request, format!("operator:{operator_id}"));
+    let fresh = store.enqueue(send, now_ms()).await?;
+    Ok((key, fresh))
+}
+
+/// What one attempt came to.
+enum Outcome {
+    Sent {
+        message_id: String,
+        opened: Option<(String, String)>,
+    },
+    Retry {
+        after: Duration,
+        error: String,
+        count_attempt: bool,
+    },
+    Hold {
+        reason: &'static str,
+        until_ms: i64,
+        detail: String,
+        awaiting: Option<(String, i64)>,
+    },
+    Dead(String),
+    Fatal(ApiError),
+    Store(StoreError),
+}
+
+/// Whether a send may go now.
+enum Gate {
+    Go {
+        opens_thread: bool,
+    },
+    Hold {
+        reason: &'static str,
+        until_ms: i64,
+        detail: String,
+    },
+}
+
+/// The circuit breaker: consecutive transient failures stop all sends for a cooldown.
+#[derive(Debug, Default)]
+struct Breaker {
+    consecutive: u32,
+    trips: u32,
+    open_until: Option<Instant>,
+}
+
+/// The sender task and its shared parts.
 pub struct Outbox {
     store: Store,
     client: Client,
     limiter: Arc<RateLimiter>,
     wake: Arc<Notify>,
     backoff: Backoff,
-}
-
-enum Outcome {
-    Sent(String),
-    Retry {
-        after: Duration,
-        error: String,
-        count_attempt: bool,
-    },
-    Dead(String),
-    Fatal(ApiError),
+    settings: OutboxSettings,
+    stats: Arc<OutboxStats>,
+    breaker: Mutex<Breaker>,
+    /// Threads being opened right now, counted against the cold allowance before the ledger
+    /// knows of them.
+    opening: AtomicUsize,
+    /// Consecutive backlog refusals per recipient.
+    backlogged: Mutex<HashMap<String, u32>>,
 }
 
 impl Outbox {
     /// Creates the outbox. `wake` is notified by whoever queues a send.
-    pub fn new(store: Store, client: Client, limiter: Arc<RateLimiter>, wake: Arc<Notify>) -> Self {
-        let backoff = Backoff::new(Duration::from_millis(500), Duration::from_secs(60))
-            .expect("constant bounds are valid");
+    pub fn new(
+        store: Store,
+        client: Client,
+        limiter: Arc<RateLimiter>,
+        wake: Arc<Notify>,
+        settings: OutboxSettings,
+    ) -> Self {
+        let retry_initial = settings
+            .retry_initial
+            .clamp(Duration::from_millis(1), Duration::from_secs(60));
+        let backoff =
+            Backoff::new(retry_initial, Duration::from_secs(60)).expect("bounds are clamped valid");
         Self {
             store,
             client,
             limiter,
             wake,
             backoff,
+            settings,
+            stats: Arc::default(),
+            breaker: Mutex::default(),
+            opening: AtomicUsize::new(0),
+            backlogged: Mutex::default(),
         }
+    }
+
+    /// The outbox's counters.
+    pub fn stats(&self) -> Arc<OutboxStats> {
+        Arc::clone(&self.stats)
     }
 
     /// Sends due messages until `shutdown` fires. Sends already in flight are finished first,
@@ -117,19 +298,9 @@ impl Outbox {
             if shutdown.is_cancelled() {
                 break Ok(());
             }
-            if let Err(err) = this.start_due(&mut in_flight, &mut busy_lanes).await {
-                break Err(err);
-            }
-            let wait = match this.store.next_due_ms().await {
-                Ok(Some(due)) => Duration::from_millis(u64::try_from(due - now_ms()).unwrap_or(0)),
-                Ok(None) => Duration::from_secs(3600),
-                Err(err) => break Err(err.into()),
-            };
-            // A lane that is busy makes its head look due; the finished send wakes us instead.
-            let wait = if busy_lanes.is_empty() {
-                wait
-            } else {
-                wait.max(Duration::from_millis(5))
+            let wait = match this.start_due(&mut in_flight, &mut busy_lanes).await {
+                Ok(wait) => wait,
+                Err(err) => break Err(err),
             };
             tokio::select! {
                 () = shutdown.cancelled() => break Ok(()),
@@ -148,27 +319,75 @@ impl Outbox {
         result
     }
 
+    /// Starts every due send whose lane is free; returns how long the loop may sleep.
     async fn start_due(
         self: &Arc<Self>,
         in_flight: &mut JoinSet<(PendingSend, Outcome)>,
         busy_lanes: &mut HashSet<String>,
-    ) -> Result<(), OutboxError> {
+    ) -> Result<Duration, OutboxError> {
+        if let Some(until) = self.breaker_open_until() {
+            return Ok(until
+                .saturating_duration_since(Instant::now())
+                .min(IDLE_RECHECK));
+        }
         let room = MAX_IN_FLIGHT.saturating_sub(in_flight.len());
-        if room == 0 {
-            return Ok(());
-        }
-        let limit = u32::try_from(room + busy_lanes.len()).unwrap_or(u32::MAX);
-        for send in self.store.due_sends(now_ms(), limit).await? {
-            if in_flight.len() >= MAX_IN_FLIGHT || !busy_lanes.insert(send.lane.clone()) {
-                continue;
+        if room > 0 {
+            let limit = u32::try_from(room + busy_lanes.len()).unwrap_or(u32::MAX);
+            for send in self.store.due_sends(now_ms(), limit).await? {
+                if in_flight.len() >= MAX_IN_FLIGHT || !busy_lanes.insert(send.lane.clone()) {
+                    continue;
+                }
+                let this = Arc::clone(self);
+                in_flight.spawn(async move {
+                    let outcome = this.attempt(&send).await;
+                    (send, outcome)
+                });
             }
-            let this = Arc::clone(self);
-            in_flight.spawn(async move {
-                let outcome = this.attempt(&send).await;
-                (send, outcome)
-            });
         }
-        Ok(())
+        // Due heads of busy lanes wait for their lane's send to finish, which wakes the loop.
+        let wait = match self.store.next_due_ms().await? {
+            Some(due) if due > now_ms() => {
+                Duration::from_millis(u64::try_from(due - now_ms()).unwrap_or(0))
+            }
+            _ if busy_lanes.is_empty() && in_flight.len() < MAX_IN_FLIGHT => Duration::ZERO,
+            _ => IDLE_RECHECK,
+        };
+        Ok(wait.min(IDLE_RECHECK))
+    }
+
+    fn breaker_open_until(&self) -> Option<Instant> {
+        let mut breaker = self.breaker.lock().unwrap_or_else(|p| p.into_inner());
+        match breaker.open_until {
+            Some(until) if until > Instant::now() => Some(until),
+            Some(_) => {
+                // Half-open: let sends try again; one more failure reopens it at once because
+                // the consecutive count is kept until a success.
+                breaker.open_until = None;
+                None
+            }
+            None => None,
+        }
+    }
+
+    fn breaker_record(&self, failed: bool) {
+        let mut breaker = self.breaker.lock().unwrap_or_else(|p| p.into_inner());
+        if !failed {
+            *breaker = Breaker::default();
+            return;
+        }
+        breaker.consecutive += 1;
+        if breaker.consecutive >= self.settings.breaker_threshold && breaker.open_until.is_none() {
+            let factor = 1u32 << breaker.trips.min(4);
+            let cooldown = (self.settings.breaker_cooldown * factor).min(Duration::from_secs(300));
+            breaker.open_until = Some(Instant::now() + cooldown);
+            breaker.trips += 1;
+            OutboxStats::bump(&self.stats.breaker_trips);
+            tracing::warn!(
+                failures = breaker.consecutive,
+                cooldown_ms = cooldown.as_millis(),
+                "sends paused: the server keeps failing"
+            );
+        }
     }
 
     async fn finish(
@@ -186,9 +405,16 @@ impl Outbox {
         };
         busy_lanes.remove(&send.lane);
         let now = now_ms();
+        let client_msg_id = &send.client_msg_id;
         match outcome {
-            Outcome::Sent(message_id) => {
-                tracing::debug!(client_msg_id = %send.client_msg_id, %message_id, "sent");
+            Outcome::Sent { message_id, opened } => {
+                tracing::debug!(%client_msg_id, %message_id, "sent");
+                if let Some((handle, conversation)) = opened {
+                    tracing::info!(peer = %handle, "opened a new thread; it takes one message until answered");
+                    self.store
+                        .note_thread_opened(&handle, Some(conversation), now)
+                        .await?;
+                }
                 self.store.mark_sent(send.id, message_id, now).await?;
             }
             Outcome::Retry {
@@ -197,30 +423,43 @@ impl Outbox {
                 count_attempt,
             } => {
                 let attempts = send.attempts + u32::from(count_attempt);
-                if attempts >= MAX_ATTEMPTS {
-                    tracing::error!(
-                        client_msg_id = %send.client_msg_id, attempts, error = %error,
-                        "send dead-lettered after repeated failures"
-                    );
+                if attempts >= self.settings.max_attempts {
+                    tracing::error!(%client_msg_id, attempts, %error, "send dead-lettered after repeated failures");
+                    OutboxStats::bump(&self.stats.dead_lettered);
                     self.store.mark_dead(send.id, error, now).await?;
                 } else {
-                    tracing::warn!(
-                        client_msg_id = %send.client_msg_id, retry_in_ms = after.as_millis(),
-                        error = %error, "send will be retried"
-                    );
-                    let next =
-                        now.saturating_add(i64::try_from(after.as_millis()).unwrap_or(i64::MAX));
+                    let retry_in_ms = after.as_millis();
+                    tracing::warn!(%client_msg_id, retry_in_ms, %error, "send will be retried");
+                    let next = now.saturating_add(i64::try_from(retry_in_ms).unwrap_or(i64::MAX));
                     self.store
                         .mark_retry(send.id, next, error, count_attempt, now)
                         .await?;
                 }
             }
+            Outcome::Hold {
+                reason,
+                until_ms,
+                detail,
+                awaiting,
+            } => {
+                OutboxStats::bump(&self.stats.held);
+                tracing::info!(%client_msg_id, hold = reason, %detail, "send held");
+                if let Some((handle, opened_ms)) = awaiting {
+                    self.store
+                        .note_thread_opened(&handle, None, opened_ms)
+                        .await?;
+                }
+                self.store
+                    .hold_send(send.id, reason, until_ms, detail, now)
+                    .await?;
+            }
             Outcome::Dead(error) => {
-                let client_msg_id = &send.client_msg_id;
-                tracing::error!(%client_msg_id, error = %error, "send refused; dead-lettered");
+                tracing::error!(%client_msg_id, %error, "send refused; dead-lettered");
+                OutboxStats::bump(&self.stats.dead_lettered);
                 self.store.mark_dead(send.id, error, now).await?;
             }
             Outcome::Fatal(err) => return Err(OutboxError::Fatal(err)),
+            Outcome::Store(err) => return Err(err.into()),
         }
         self.wake.notify_one();
         Ok(())
@@ -231,28 +470,158 @@ impl Outbox {
             Ok(request) => request,
             Err(err) => return Outcome::Dead(format!("queued request is not valid: {err}")),
         };
+        let opens_thread = match self.gate(send).await {
+            Ok(Gate::Go { opens_thread }) => opens_thread,
+            Ok(Gate::Hold {
+                reason,
+                until_ms,
+                detail,
+            }) => {
+                return Outcome::Hold {
+                    reason,
+                    until_ms,
+                    detail,
+                    awaiting: None,
+                };
+            }
+            Err(err) => return Outcome::Store(err),
+        };
+        if opens_thread {
+            self.opening.fetch_add(1, Ordering::SeqCst);
+        }
         let priority = if send.origin.starts_with("reply:") {
             Priority::High
         } else {
             Priority::Normal
         };
         self.limiter.acquire(priority).await;
-        match self.client.send_message(&request).await {
+        let result = self.client.send_message(&request).await;
+        if opens_thread {
+            self.opening.fetch_sub(1, Ordering::SeqCst);
+        }
+        match result {
             Ok(outcome) => {
-                if let Some((handle, count)) = &outcome.backlog_warning {
-                    let undelivered = count;
-                    tracing::warn!(recipient = %handle, undelivered, "recipient backlog is high");
+                self.breaker_record(false);
+                if let Some(handle) = &send.recipient {
+                    self.backlogged
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .remove(handle);
                 }
-                Outcome::Sent(outcome.message.id)
+                if let Some((handle, count)) = &outcome.backlog_warning {
+                    OutboxStats::bump(&self.stats.backlog_warnings);
+                    tracing::warn!(recipient = %handle, undelivered = *count, "recipient backlog is high");
+                }
+                let counter = if outcome.replayed {
+                    &self.stats.replayed
+                } else {
+                    &self.stats.sent
+                };
+                OutboxStats::bump(counter);
+                let opened = match (&send.recipient, opens_thread) {
+                    (Some(handle), true) => {
+                        Some((handle.clone(), outcome.message.conversation_id.clone()))
+                    }
+                    _ => None,
+                };
+                Outcome::Sent {
+                    message_id: outcome.message.id,
+                    opened,
+                }
             }
-            Err(err) => self.classify(send, err),
+            Err(err) => self.classify(send, err, opens_thread),
         }
     }
 
-    fn classify(&self, send: &PendingSend, err: ApiError) -> Outcome {
-        match err.disposition() {
-            Disposition::Fatal => Outcome::Fatal(err),
-            Disposition::Throttled => {
+    /// Checks the thread ledger: whether this send may go now, and whether it opens a thread.
+    async fn gate(&self, send: &PendingSend) -> Result<Gate, StoreError> {
+        let Some(handle) = &send.recipient else {
+            return Ok(Gate::Go {
+                opens_thread: false,
+            });
+        };
+        match self.store.peer_state(handle).await? {
+            Some(PeerState::Established) => Ok(Gate::Go {
+                opens_thread: false,
+            }),
+            Some(PeerState::Awaiting { .. }) => Ok(Gate::Hold {
+                reason: hold::AWAITING_REPLY,
+                until_ms: HELD_FOREVER_MS,
+                detail: format!("thread with {handle} awaits their reply before another message"),
+            }),
+            None => {
+                let now = now_ms();
+                let window_ms = i64::try_from(COLD_WINDOW.as_millis()).unwrap_or(i64::MAX);
+                let open = self.store.awaiting_threads(now - window_ms).await?;
+                let used = open.len() + self.opening.load(Ordering::SeqCst);
+                let cap = usize::try_from(self.settings.cold_threads_per_day).unwrap_or(usize::MAX);
+                if used < cap {
+                    return Ok(Gate::Go { opens_thread: true });
+                }
+                let until_ms = open
+                    .first()
+                    .map_or(now + 60_000, |t| t.opened_ms + window_ms);
+                Ok(Gate::Hold {
+                    reason: hold::COLD_CAP,
+                    until_ms,
+                    detail: format!(
+                        "{used} new threads of {cap} allowed per 24 h await replies; \
+                         the next slot frees at the latest at {}",
+                        format_ms(until_ms)
+                    ),
+                })
+            }
+        }
+    }
+
+    fn classify(&self, send: &PendingSend, err: ApiError, opens_thread: bool) -> Outcome {
+        let now = now_ms();
+        let code = err.code().cloned();
+        let disposition = err.disposition();
+        if disposition == Disposition::Throttled {
+            OutboxStats::bump(&self.stats.rate_limited);
+        }
+        match (code, disposition) {
+            (_, Disposition::Fatal) => Outcome::Fatal(err),
+            (Some(ErrorCode::AwaitingReply), _) => {
+                let handle = send.recipient.clone().unwrap_or_default();
+                let since = awaiting_since(&err).unwrap_or(now);
+                Outcome::Hold {
+                    reason: hold::AWAITING_REPLY,
+                    until_ms: HELD_FOREVER_MS,
+                    detail: format!("server: thread with {handle} awaits their reply ({err})"),
+                    awaiting: Some((handle, since)),
+                }
+            }
+            (Some(ErrorCode::RecipientBacklogged), _) => {
+                let handle = send.recipient.clone().unwrap_or_default();
+                let round = {
+                    let mut map = self.backlogged.lock().unwrap_or_else(|p| p.into_inner());
+                    let round = map.entry(handle.clone()).or_insert(0);
+                    *round += 1;
+                    *round
+                };
+                // Backlogs drain at the recipient's pace: start at 30 s and back off to 30 min.
+                let pause =
+                    Duration::from_secs(30).saturating_mul(1 << round.min(6).saturating_sub(1));
+                let pause = pause.min(Duration::from_secs(1800));
+                Outcome::Hold {
+                    reason: hold::BACKLOG,
+                    until_ms: now + i64::try_from(pause.as_millis()).unwrap_or(i64::MAX / 4),
+                    detail: format!("{handle} has too many undelivered messages ({err})"),
+                    awaiting: None,
+                }
+            }
+            (Some(ErrorCode::RateLimited), _) if err.retry_after().is_none() && opens_thread => {
+                // The cold-outreach cap: the server knows of threads our ledger does not.
+                Outcome::Hold {
+                    reason: hold::COLD_CAP,
+                    until_ms: now + 3_600_000,
+                    detail: format!("server refused a new thread (cold-outreach cap): {err}"),
+                    awaiting: None,
+                }
+            }
+            (_, Disposition::Throttled) => {
                 let after = err
                     .retry_after()
                     .unwrap_or_else(|| self.backoff.delay(send.attempts + 1));
@@ -262,19 +631,41 @@ impl Outbox {
                     count_attempt: false,
                 }
             }
-            Disposition::Transient => Outcome::Retry {
-                after: self.backoff.delay(send.attempts + 1),
-                error: err.to_string(),
-                count_attempt: true,
-            },
-            Disposition::Permanent => Outcome::Dead(err.to_string()),
+            (_, Disposition::Transient) => {
+                self.breaker_record(true);
+                Outcome::Retry {
+                    after: self.backoff.delay(send.attempts + 1),
+                    error: err.to_string(),
+                    count_attempt: true,
+                }
+            }
+            (_, Disposition::Permanent) => Outcome::Dead(err.to_string()),
         }
     }
+}
+
+/// `details.waiting_since` of an AWAITING_REPLY answer, in ms since the epoch.
+fn awaiting_since(err: &ApiError) -> Option<i64> {
+    let ApiError::Status { reply, .. } = err else {
+        return None;
+    };
+    let since = reply.details.as_ref()?.get("waiting_since")?.as_str()?;
+    chrono::DateTime::parse_from_rfc3339(since)
+        .ok()
+        .map(|t| t.timestamp_millis())
 }
 
 /// Milliseconds since the Unix epoch; the queue's clock.
 pub fn now_ms() -> i64 {
     chrono::Utc::now().timestamp_millis()
+}
+
+/// Renders a queue time for people.
+pub fn format_ms(ms: i64) -> String {
+    chrono::DateTime::from_timestamp_millis(ms).map_or_else(
+        || ms.to_string(),
+        |t| t.format("%Y-%m-%d %H:%M:%S UTC").to_string(),
+    )
 }
 
 #[cfg(test)]
@@ -292,5 +683,20 @@ mod tests {
             reply_key("msg_1e", "cho1", 0)
         );
         assert!(a.len() <= 128 && a.starts_with("acd-"));
+        assert_ne!(operator_key("x"), reply_key("x", "operator", 0));
+    }
+
+    #[test]
+    fn direct_sends_are_laned_by_normalised_recipient() {
+        let request = SendRequest {
+            to: Some("@Alice".into()),
+            conversation_id: None,
+            client_msg_id: "k".into(),
+            kind: "text".into(),
+            content: crate::client::Content::default(),
+        };
+        let send = new_send("k".into(), &request, "test".into());
+        assert_eq!(send.lane, "to:alice");
+        assert_eq!(send.recipient.as_deref(), Some("alice"));
     }
 }

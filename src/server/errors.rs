@@ -40,6 +40,11 @@ pub struct ApiError {
 }
 
 impl ApiError {
+    /// The stable error code.
+    pub fn code(&self) -> &'static str {
+        self.code
+    }
+
     /// Builds an error with a status, a stable code and a human message.
     pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
         ApiError {

@@ -8,6 +8,7 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use axum::Json;
@@ -171,9 +172,29 @@ enum SendOutcome {
 /// `POST /v1/messages`.
 pub async fn send(
     State(state): State<Arc<AppState>>,
+    caller: Caller,
+    body: RawBody,
+) -> Result<Response, ApiError> {
+    let result = send_checked(&state, caller, body).await;
+    match &result {
+        Ok(_) => state.stats.sends_accepted.fetch_add(1, Ordering::Relaxed),
+        Err(err) => match err.code() {
+            "RATE_LIMITED" => state.stats.rate_limited.fetch_add(1, Ordering::Relaxed),
+            "AWAITING_REPLY" => state.stats.awaiting_reply.fetch_add(1, Ordering::Relaxed),
+            "RECIPIENT_BACKLOGGED" => state.stats.backlogged.fetch_add(1, Ordering::Relaxed),
+            _ => state.stats.other_refusals.fetch_add(1, Ordering::Relaxed),
+        },
+    };
+    result
+}
+
+/// `POST /v1/messages` once the answer is counted by [`send`].
+async fn send_checked(
+    state: &Arc<AppState>,
     Caller(sender): Caller,
     body: RawBody,
 ) -> Result<Response, ApiError> {
+    let state = Arc::clone(state);
     let body = parse_json_object(body)?;
     let req = validate_send(&body)?;
 

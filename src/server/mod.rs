@@ -130,6 +130,23 @@ struct AppState {
     shutdown: CancellationToken,
     /// Tracks socket tasks, which outlive the HTTP connection that upgraded them.
     tracker: TaskTracker,
+    /// Counts of send answers, for tests and benchmarks.
+    stats: SendStats,
+}
+
+/// How the server answered `POST /v1/messages` since it started.
+#[derive(Debug, Default)]
+pub struct SendStats {
+    /// Sends stored (201) or replayed (200).
+    pub sends_accepted: std::sync::atomic::AtomicU64,
+    /// 429 RATE_LIMITED answers (per-second limit and cold-outreach cap).
+    pub rate_limited: std::sync::atomic::AtomicU64,
+    /// 403 AWAITING_REPLY answers.
+    pub awaiting_reply: std::sync::atomic::AtomicU64,
+    /// 429 RECIPIENT_BACKLOGGED answers.
+    pub backlogged: std::sync::atomic::AtomicU64,
+    /// Every other refusal.
+    pub other_refusals: std::sync::atomic::AtomicU64,
 }
 
 /// A running local server.
@@ -163,6 +180,7 @@ impl LocalServer {
             hub: ws::Hub::default(),
             shutdown: CancellationToken::new(),
             tracker: TaskTracker::new(),
+            stats: SendStats::default(),
         });
 
         let bind_err = |source| ServerError::Bind {
@@ -186,6 +204,11 @@ impl LocalServer {
             state,
             serve: Some(serve),
         })
+    }
+
+    /// How the server has answered sends so far.
+    pub fn send_stats(&self) -> &SendStats {
+        &self.state.stats
     }
 
     /// The bound address (useful after binding port 0).

@@ -1,5 +1,6 @@
-//! Local durable state in one SQLite file: the sync cursor, the ids of processed messages and
-//! the outbound queue.
+//! Local durable state in one SQLite file: the sync cursor, the ids of processed messages, the
+//! outbound queue ([`queue`]), the ledger of threads with peers ([`ledger`]) and quarantined
+//! inbound data.
 //!
 //! The invariant that makes restarts safe lives here: a message is recorded as processed in the
 //! same transaction that queues its replies, so after a crash either both exist or neither
@@ -10,6 +11,13 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use rusqlite::{Connection, OptionalExtension, params};
+
+mod ledger;
+mod queue;
+
+pub use ledger::{PeerState, PeerThread};
+use queue::insert_send;
+pub use queue::{NewSend, OutboxCounts, PendingSend, SendRow, SendState};
 
 /// Schema version written by this build.
 const SCHEMA_VERSION: i64 = 1;
@@ -32,7 +40,9 @@ CREATE TABLE outbox (
     lane TEXT NOT NULL,
     request_json TEXT NOT NULL,
     origin TEXT NOT NULL,
+    recipient TEXT,
     state TEXT NOT NULL CHECK (state IN ('pending', 'sent', 'dead')),
+    hold TEXT,
     attempts INTEGER NOT NULL DEFAULT 0,
     next_attempt_ms INTEGER NOT NULL,
     last_error TEXT,
@@ -41,6 +51,15 @@ CREATE TABLE outbox (
     updated_ms INTEGER NOT NULL
 );
 CREATE INDEX outbox_lane_pending ON outbox (state, lane, id);
+CREATE INDEX outbox_recipient_hold ON outbox (recipient, hold);
+CREATE TABLE peers (
+    handle TEXT PRIMARY KEY,
+    conversation_id TEXT,
+    state TEXT NOT NULL CHECK (state IN ('established', 'awaiting')),
+    opened_ms INTEGER,
+    updated_ms INTEGER NOT NULL
+);
+CREATE INDEX peers_awaiting ON peers (state, opened_ms);
 CREATE TABLE quarantine (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
     source TEXT NOT NULL,
@@ -83,47 +102,6 @@ pub enum StoreError {
     /// A blocking task running a store operation died.
     #[error("state store task failed: {0}")]
     Task(String),
-}
-
-/// One outbound message to queue.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct NewSend {
-    /// Deterministic idempotency key; queuing the same key twice keeps the first.
-    pub client_msg_id: String,
-    /// Ordering lane: sends in one lane go out strictly in queue order.
-    pub lane: String,
-    /// The JSON body of `POST /v1/messages`.
-    pub request_json: String,
-    /// What caused the send, for logs and the operator (`reply:<msg>:<plugin>:<n>`).
-    pub origin: String,
-}
-
-/// A queued send that is due.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct PendingSend {
-    /// Row id, also the queue order.
-    pub id: i64,
-    /// Idempotency key.
-    pub client_msg_id: String,
-    /// Ordering lane.
-    pub lane: String,
-    /// The JSON body of `POST /v1/messages`.
-    pub request_json: String,
-    /// What caused the send.
-    pub origin: String,
-    /// Attempts made so far.
-    pub attempts: u32,
-}
-
-/// Counts of the outbound queue by state.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct OutboxCounts {
-    /// Waiting to be sent.
-    pub pending: u64,
-    /// Accepted by the server.
-    pub sent: u64,
-    /// Given up on; see `last_error`.
-    pub dead: u64,
 }
 
 /// A handle to the state database, cheap to clone and safe to share between tasks.
@@ -284,122 +262,6 @@ impl Store {
         .await
     }
 
-    /// Queues one send outside of message processing. Returns false when a send with the
-    /// same `client_msg_id` is already queued.
-    ///
-    /// # Errors
-    /// On SQLite failure.
-    pub async fn enqueue(&self, send: NewSend, now_ms: i64) -> Result<bool, StoreError> {
-        self.call(move |c| insert_send(c, &send, now_ms).map(|n| n > 0))
-            .await
-    }
-
-    /// The sends that may go now: the oldest pending send of each lane, if it is due.
-    ///
-    /// # Errors
-    /// On SQLite failure.
-    pub async fn due_sends(&self, now_ms: i64, limit: u32) -> Result<Vec<PendingSend>, StoreError> {
-        self.call(move |c| {
-            let mut stmt = c.prepare_cached(
-                "SELECT o.id, o.client_msg_id, o.lane, o.request_json, o.origin, o.attempts
-                 FROM outbox o
-                 WHERE o.state = 'pending'
-                   AND o.id = (SELECT MIN(id) FROM outbox i
-                               WHERE i.state = 'pending' AND i.lane = o.lane)
-                   AND o.next_attempt_ms <= ?1
-                 ORDER BY o.next_attempt_ms, o.id
-                 LIMIT ?2",
-            )?;
-            let rows = stmt.query_map(params![now_ms, limit], |r| {
-                Ok(PendingSend {
-                    id: r.get(0)?,
-                    client_msg_id: r.get(1)?,
-                    lane: r.get(2)?,
-                    request_json: r.get(3)?,
-                    origin: r.get(4)?,
-                    attempts: r.get(5)?,
-                })
-            })?;
-            rows.collect()
-        })
-        .await
-    }
-
-    /// When the earliest pending send becomes due, if any is pending.
-    ///
-    /// # Errors
-    /// On SQLite failure.
-    pub async fn next_due_ms(&self) -> Result<Option<i64>, StoreError> {
-        self.call(|c| {
-            c.query_row(
-                "SELECT MIN(next_attempt_ms) FROM outbox WHERE state = 'pending'",
-                [],
-                |r| r.get(0),
-            )
-        })
-        .await
-    }
-
-    /// Marks a send accepted by the server.
-    ///
-    /// # Errors
-    /// On SQLite failure.
-    pub async fn mark_sent(
-        &self,
-        id: i64,
-        message_id: String,
-        now_ms: i64,
-    ) -> Result<(), StoreError> {
-        self.call(move |c| {
-            c.execute(
-                "UPDATE outbox SET state = 'sent', message_id = ?2, attempts = attempts + 1,
-                 last_error = NULL, updated_ms = ?3 WHERE id = ?1",
-                params![id, message_id, now_ms],
-            )
-            .map(drop)
-        })
-        .await
-    }
-
-    /// Schedules another attempt of a send.
-    ///
-    /// # Errors
-    /// On SQLite failure.
-    pub async fn mark_retry(
-        &self,
-        id: i64,
-        next_attempt_ms: i64,
-        error: String,
-        count_attempt: bool,
-        now_ms: i64,
-    ) -> Result<(), StoreError> {
-        self.call(move |c| {
-            c.execute(
-                "UPDATE outbox SET next_attempt_ms = ?2, last_error = ?3,
-                 attempts = attempts + ?4, updated_ms = ?5 WHERE id = ?1",
-                params![id, next_attempt_ms, error, i64::from(count_attempt), now_ms],
-            )
-            .map(drop)
-        })
-        .await
-    }
-
-    /// Gives up on a send, keeping it with its reason for the operator.
-    ///
-    /// # Errors
-    /// On SQLite failure.
-    pub async fn mark_dead(&self, id: i64, error: String, now_ms: i64) -> Result<(), StoreError> {
-        self.call(move |c| {
-            c.execute(
-                "UPDATE outbox SET state = 'dead', last_error = ?2, attempts = attempts + 1,
-                 updated_ms = ?3 WHERE id = ?1",
-                params![id, error, now_ms],
-            )
-            .map(drop)
-        })
-        .await
-    }
-
     /// Keeps an inbound item the daemon could not read, so nothing received is lost even when
     /// it cannot be processed.
     ///
@@ -430,43 +292,6 @@ impl Store {
         self.call(|c| c.query_row("SELECT COUNT(*) FROM quarantine", [], |r| r.get(0)))
             .await
     }
-
-    /// Counts the outbound queue by state.
-    ///
-    /// # Errors
-    /// On SQLite failure.
-    pub async fn outbox_counts(&self) -> Result<OutboxCounts, StoreError> {
-        self.call(|c| {
-            let mut counts = OutboxCounts::default();
-            let mut stmt = c.prepare("SELECT state, COUNT(*) FROM outbox GROUP BY state")?;
-            let rows = stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, u64>(1)?)))?;
-            for row in rows {
-                let (state, n) = row?;
-                match state.as_str() {
-                    "pending" => counts.pending = n,
-                    "sent" => counts.sent = n,
-                    _ => counts.dead = n,
-                }
-            }
-            Ok(counts)
-        })
-        .await
-    }
-}
-
-fn insert_send(c: &Connection, send: &NewSend, now_ms: i64) -> rusqlite::Result<usize> {
-    c.execute(
-        "INSERT OR IGNORE INTO outbox (client_msg_id, lane, request_json, origin, state,
-         next_attempt_ms, created_ms, updated_ms)
-         VALUES (?1, ?2, ?3, ?4, 'pending', ?5, ?5, ?5)",
-        params![
-            send.client_msg_id,
-            send.lane,
-            send.request_json,
-            send.origin,
-            now_ms
-        ],
-    )
 }
 
 #[cfg(test)]

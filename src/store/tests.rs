@@ -6,6 +6,7 @@ fn send(key: &str, lane: &str) -> NewSend {
         lane: lane.into(),
         request_json: format!(r#"{{"to":"{lane}","client_msg_id":"{key}"}}"#),
         origin: "test".into(),
+        recipient: Some(lane.into()),
     }
 }
 
@@ -142,4 +143,150 @@ async fn a_newer_schema_is_refused() {
         Err(other) => panic!("expected TooNew, got {other}"),
         Ok(_) => panic!("expected TooNew, got a store"),
     }
+}
+
+#[tokio::test]
+async fn ledger_tracks_threads_and_releases_held_sends_on_reply() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = Store::open(dir.path()).expect("open");
+    assert_eq!(store.peer_state("bob").await.expect("state"), None);
+
+    store
+        .note_thread_opened("bob", Some("conv_b".into()), 1_000)
+        .await
+        .expect("open");
+    let awaiting = PeerState::Awaiting { opened_ms: 1_000 };
+    assert_eq!(
+        store.peer_state("bob").await.expect("state"),
+        Some(awaiting)
+    );
+    assert!(store.enqueue(send("b2", "bob"), 0).await.expect("enqueue"));
+    assert!(
+        store
+            .enqueue(send("c1", "carol"), 0)
+            .await
+            .expect("enqueue")
+    );
+    let due = store.due_sends(0, 10).await.expect("due");
+    let b2 = due.iter().find(|s| s.client_msg_id == "b2").expect("b2").id;
+    let c1 = due.iter().find(|s| s.client_msg_id == "c1").expect("c1").id;
+    store
+        .hold_send(b2, "awaiting_reply", i64::MAX / 4, "wait".into(), 0)
+        .await
+        .expect("hold");
+    store
+        .hold_send(c1, "cold_cap", i64::MAX / 4, "cap".into(), 0)
+        .await
+        .expect("hold");
+    assert!(store.due_sends(5_000, 10).await.expect("due").is_empty());
+    let held = store.held_counts().await.expect("held");
+    assert_eq!(
+        held,
+        [("awaiting_reply".to_owned(), 1), ("cold_cap".to_owned(), 1)]
+    );
+
+    // Bob's reply establishes the thread and releases both his send and the cold-capped one.
+    assert!(
+        store
+            .note_peer_wrote("bob", "conv_b", 6_000)
+            .await
+            .expect("wrote")
+    );
+    assert_eq!(
+        store.peer_state("bob").await.expect("state"),
+        Some(PeerState::Established)
+    );
+    let mut due: Vec<_> = store
+        .due_sends(6_000, 10)
+        .await
+        .expect("due")
+        .into_iter()
+        .map(|s| s.client_msg_id)
+        .collect();
+    due.sort();
+    assert_eq!(due, ["b2", "c1"]);
+    // A peer that was never awaited does not count as a released thread.
+    assert!(
+        !store
+            .note_peer_wrote("dave", "conv_d", 7_000)
+            .await
+            .expect("wrote")
+    );
+    // Opening again does not demote an established peer.
+    store
+        .note_thread_opened("bob", None, 8_000)
+        .await
+        .expect("open");
+    assert_eq!(
+        store.peer_state("bob").await.expect("state"),
+        Some(PeerState::Established)
+    );
+}
+
+#[tokio::test]
+async fn only_threads_opened_within_the_window_use_cold_slots() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = Store::open(dir.path()).expect("open");
+    store
+        .note_thread_opened("old", None, 1_000)
+        .await
+        .expect("open");
+    store
+        .note_thread_opened("new", None, 90_000)
+        .await
+        .expect("open");
+    store
+        .note_thread_opened("answered", None, 95_000)
+        .await
+        .expect("open");
+    store
+        .note_peer_wrote("answered", "conv_a", 96_000)
+        .await
+        .expect("wrote");
+    let open = store.awaiting_threads(50_000).await.expect("threads");
+    let handles: Vec<_> = open.iter().map(|t| t.handle.as_str()).collect();
+    assert_eq!(handles, ["new"]);
+}
+
+#[tokio::test]
+async fn dead_letters_can_be_listed_retried_and_dropped() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = Store::open(dir.path()).expect("open");
+    store.enqueue(send("d1", "x"), 0).await.expect("enqueue");
+    let id = store.due_sends(0, 1).await.expect("due")[0].id;
+    store
+        .mark_dead(id, "404 AGENT_NOT_FOUND".into(), 1)
+        .await
+        .expect("dead");
+    let dead = store
+        .list_sends(Some(SendState::Dead), 10)
+        .await
+        .expect("list");
+    assert_eq!(dead.len(), 1);
+    assert_eq!(dead[0].last_error.as_deref(), Some("404 AGENT_NOT_FOUND"));
+
+    assert!(store.retry_dead(id, 2).await.expect("retry"));
+    assert!(
+        !store.retry_dead(id, 2).await.expect("retry twice"),
+        "only dead rows are retried"
+    );
+    let due = store.due_sends(2, 10).await.expect("due");
+    assert_eq!((due[0].id, due[0].attempts), (id, 0));
+
+    store.mark_sent(id, "msg_1".into(), 3).await.expect("sent");
+    assert!(
+        !store.drop_send(id).await.expect("drop"),
+        "sent rows are history"
+    );
+    store.enqueue(send("d2", "x"), 4).await.expect("enqueue");
+    let id2 = store.due_sends(4, 1).await.expect("due")[0].id;
+    assert!(store.drop_send(id2).await.expect("drop"));
+    assert_eq!(
+        store.outbox_counts().await.expect("counts"),
+        OutboxCounts {
+            pending: 0,
+            sent: 1,
+            dead: 0
+        }
+    );
 }

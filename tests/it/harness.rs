@@ -135,6 +135,7 @@ pub fn daemon_config(
         poll_interval: Duration::from_millis(50),
         requests_per_second: 60,
         window_margin: Duration::from_millis(40),
+        cold_threads_per_day: 100,
         plugins,
         log_json: false,
     }

@@ -1,0 +1,153 @@
+//! Operator commands that read or change the state store beside a running daemon:
+//! `agentchatd status`, `agentchatd outbox …` and `agentchatd send`.
+//!
+//! They work on the SQLite file directly (it allows a second connection while the daemon
+//! runs), so they need no control socket and work whether the daemon is up or not. The daemon
+//! notices queued or re-queued sends within a second. Each function returns the text to print.
+
+use std::fmt::Write as _;
+
+use crate::config::Config;
+use crate::outbox::{COLD_WINDOW, format_ms, now_ms, queue_operator_send};
+use crate::store::{SendState, Store, StoreError};
+
+/// A summary of the daemon's state: queue, holds, cold-outreach slots, cursor, quarantine.
+///
+/// # Errors
+/// When the store cannot be opened or read.
+pub async fn status(config: &Config) -> Result<String, StoreError> {
+    let store = Store::open(&config.state_dir)?;
+    let counts = store.outbox_counts().await?;
+    let held = store.held_counts().await?;
+    let window_ms = i64::try_from(COLD_WINDOW.as_millis()).unwrap_or(i64::MAX);
+    let now = now_ms();
+    let threads = store.awaiting_threads(now - window_ms).await?;
+    let cursor = store.meta("sync_cursor").await?;
+
+    let mut out = String::new();
+    let _ = writeln!(out, "state: {}", store.path().display());
+    let held_text = if held.is_empty() {
+        String::new()
+    } else {
+        let parts: Vec<_> = held
+            .iter()
+            .map(|(reason, n)| format!("{n} {reason}"))
+            .collect();
+        format!(", held: {}", parts.join(", "))
+    };
+    let _ = writeln!(
+        out,
+        "outbox: {} pending{held_text}; {} sent; {} dead",
+        counts.pending, counts.sent, counts.dead
+    );
+    let _ = write!(
+        out,
+        "cold threads awaiting a reply (24 h): {} of {}",
+        threads.len(),
+        config.cold_threads_per_day
+    );
+    match threads.first() {
+        Some(oldest) => {
+            let _ = writeln!(
+                out,
+                "; the oldest frees at {}",
+                format_ms(oldest.opened_ms + window_ms)
+            );
+        }
+        None => out.push('\n'),
+    }
+    let _ = writeln!(out, "sync cursor: {}", cursor.as_deref().unwrap_or("none"));
+    let _ = writeln!(
+        out,
+        "quarantined inbound items: {}",
+        store.quarantined().await?
+    );
+    Ok(out)
+}
+
+/// Lists queue rows, newest first.
+///
+/// # Errors
+/// When the store cannot be opened or read.
+pub async fn list(
+    config: &Config,
+    state: Option<SendState>,
+    limit: u32,
+) -> Result<String, StoreError> {
+    let store = Store::open(&config.state_dir)?;
+    let rows = store.list_sends(state, limit).await?;
+    let mut out = String::new();
+    if rows.is_empty() {
+        out.push_str("no sends\n");
+    }
+    for row in rows {
+        let to = row.recipient.as_deref().unwrap_or("(group)");
+        let _ = write!(
+            out,
+            "{:>6}  {:<7}  to {to}  attempts {}",
+            row.id, row.state, row.attempts
+        );
+        if let Some(hold) = &row.hold {
+            let _ = write!(
+                out,
+                "  held: {hold} until {}",
+                format_ms(row.next_attempt_ms)
+            );
+        }
+        let _ = write!(out, "  origin {}", row.origin);
+        if let Some(error) = &row.last_error {
+            let _ = write!(out, "\n        reason: {error}");
+        }
+        out.push('\n');
+    }
+    Ok(out)
+}
+
+/// Re-queues a dead letter.
+///
+/// # Errors
+/// When the store fails; a missing row is reported in the text.
+pub async fn retry(config: &Config, id: i64) -> Result<(bool, String), StoreError> {
+    let store = Store::open(&config.state_dir)?;
+    Ok(if store.retry_dead(id, now_ms()).await? {
+        (true, format!("send {id} queued again\n"))
+    } else {
+        (
+            false,
+            format!("no dead letter with id {id}; see `agentchatd outbox list --state dead`\n"),
+        )
+    })
+}
+
+/// Removes a pending or dead send.
+///
+/// # Errors
+/// When the store fails; a missing row is reported in the text.
+pub async fn drop_send(config: &Config, id: i64) -> Result<(bool, String), StoreError> {
+    let store = Store::open(&config.state_dir)?;
+    Ok(if store.drop_send(id).await? {
+        (true, format!("send {id} dropped\n"))
+    } else {
+        (false, format!("no pending or dead send with id {id}\n"))
+    })
+}
+
+/// Queues a text message to `to` for the daemon to send.
+///
+/// # Errors
+/// When the store fails.
+pub async fn send(
+    config: &Config,
+    to: &str,
+    text: &str,
+    id: Option<String>,
+) -> Result<String, StoreError> {
+    let store = Store::open(&config.state_dir)?;
+    let id = id.unwrap_or_else(|| format!("{:032x}", rand::random::<u128>()));
+    let (key, fresh) = queue_operator_send(&store, to, text, &id).await?;
+    Ok(if fresh {
+        format!("queued for {to} as {key} (operator id {id})\n")
+    } else {
+        format!("already queued as {key} (operator id {id}); nothing added\n")
+    })
+}
