@@ -12,12 +12,15 @@
 //! - [`service`]: wires the above into the running daemon, with shutdown and signals.
 //! - [`server`]: an AgentChat-compatible local server for development and tests.
 //! - [`demo`]: `agentchatd demo`, the server, the daemon and a scripted peer together.
+//! - [`ops`]: running as a service: systemd notify and watchdog, the instance lock, metrics and
+//!   the health endpoints.
 #![forbid(unsafe_code)]
 
 pub mod client;
 pub mod config;
 pub mod demo;
 pub mod inbox;
+pub mod ops;
 pub mod outbox;
 pub mod plugins;
 pub mod server;
