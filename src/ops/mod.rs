@@ -12,4 +12,6 @@
 //! None of these start on their own or read the config; the service decides which to use and
 //! passes them what they need.
 
+pub mod health;
 pub mod notify;
+pub mod watchdog;
