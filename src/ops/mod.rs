@@ -13,5 +13,6 @@
 //! passes them what they need.
 
 pub mod health;
+pub mod lock;
 pub mod notify;
 pub mod watchdog;
