@@ -13,6 +13,8 @@
 //! passes them what they need.
 
 pub mod health;
+pub mod http;
 pub mod lock;
+pub mod metrics;
 pub mod notify;
 pub mod watchdog;
