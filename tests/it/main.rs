@@ -7,4 +7,5 @@ mod bad_server;
 mod cli;
 mod e2e;
 mod harness;
+mod ops;
 mod sdk;
