@@ -13,6 +13,8 @@
 //! - [`server`]: an AgentChat-compatible local server for development and tests.
 //! - [`admin`]: operator commands on the state store (`status`, `outbox`, `send`).
 //! - [`demo`]: `agentchatd demo`, the server, the daemon and a scripted peer together.
+//! - [`ops`]: running as a service: systemd notify and watchdog, the instance lock, metrics and
+//!   the health endpoints.
 #![forbid(unsafe_code)]
 
 pub mod admin;
@@ -20,6 +22,7 @@ pub mod client;
 pub mod config;
 pub mod demo;
 pub mod inbox;
+pub mod ops;
 pub mod outbox;
 pub mod plugins;
 pub mod server;
