@@ -29,10 +29,7 @@ pub async fn status(config: &Config) -> Result<String, StoreError> {
     let held_text = if held.is_empty() {
         String::new()
     } else {
-        let parts: Vec<_> = held
-            .iter()
-            .map(|(reason, n)| format!("{n} {reason}"))
-            .collect();
+        let parts: Vec<_> = held.iter().map(|(reason, n)| format!("{n} {reason}")).collect();
         format!(", held: {}", parts.join(", "))
     };
     let _ = writeln!(
@@ -48,20 +45,13 @@ pub async fn status(config: &Config) -> Result<String, StoreError> {
     );
     match threads.first() {
         Some(oldest) => {
-            let _ = writeln!(
-                out,
-                "; the oldest frees at {}",
-                format_ms(oldest.opened_ms + window_ms)
-            );
+            let _ =
+                writeln!(out, "; the oldest frees at {}", format_ms(oldest.opened_ms + window_ms));
         }
         None => out.push('\n'),
     }
     let _ = writeln!(out, "sync cursor: {}", cursor.as_deref().unwrap_or("none"));
-    let _ = writeln!(
-        out,
-        "quarantined inbound items: {}",
-        store.quarantined().await?
-    );
+    let _ = writeln!(out, "quarantined inbound items: {}", store.quarantined().await?);
     Ok(out)
 }
 
@@ -82,17 +72,9 @@ pub async fn list(
     }
     for row in rows {
         let to = row.recipient.as_deref().unwrap_or("(group)");
-        let _ = write!(
-            out,
-            "{:>6}  {:<7}  to {to}  attempts {}",
-            row.id, row.state, row.attempts
-        );
+        let _ = write!(out, "{:>6}  {:<7}  to {to}  attempts {}", row.id, row.state, row.attempts);
         if let Some(hold) = &row.hold {
-            let _ = write!(
-                out,
-                "  held: {hold} until {}",
-                format_ms(row.next_attempt_ms)
-            );
+            let _ = write!(out, "  held: {hold} until {}", format_ms(row.next_attempt_ms));
         }
         let _ = write!(out, "  origin {}", row.origin);
         if let Some(error) = &row.last_error {
@@ -112,10 +94,7 @@ pub async fn retry(config: &Config, id: i64) -> Result<(bool, String), StoreErro
     Ok(if store.retry_dead(id, now_ms()).await? {
         (true, format!("send {id} queued again\n"))
     } else {
-        (
-            false,
-            format!("no dead letter with id {id}; see `agentchatd outbox list --state dead`\n"),
-        )
+        (false, format!("no dead letter with id {id}; see `agentchatd outbox list --state dead`\n"))
     })
 }
 

@@ -23,6 +23,10 @@ const DEFAULT_POLL_INTERVAL_MS: u64 = 2_000;
 const DEFAULT_REQUESTS_PER_SECOND: u32 = 60;
 /// Default number of new threads awaiting a reply allowed per rolling 24 h.
 const DEFAULT_COLD_THREADS_PER_DAY: u32 = 100;
+/// Default attempts of a failing send before it becomes a dead letter.
+const DEFAULT_MAX_ATTEMPTS: u32 = 12;
+/// Default first retry delay after a transient send failure.
+const DEFAULT_RETRY_INITIAL_MS: u64 = 500;
 /// Default slack added to the one-second pacing window, covering request travel-time jitter.
 const DEFAULT_WINDOW_MARGIN_MS: u64 = 40;
 
@@ -183,6 +187,10 @@ pub struct Config {
     pub window_margin: Duration,
     /// New threads the agent may have awaiting a reply per rolling 24 h (the platform's 100).
     pub cold_threads_per_day: u32,
+    /// Attempts of a send failing for transient reasons before it becomes a dead letter.
+    pub max_attempts: u32,
+    /// First retry delay after a transient send failure (doubling, jittered, up to 60 s).
+    pub retry_initial: Duration,
     /// Plugins in priority order (first runs first).
     pub plugins: Vec<PluginConfig>,
     /// Log output as JSON lines instead of plain text.
@@ -245,6 +253,10 @@ struct RawOutbox {
     window_margin_ms: Option<Spanned<u64>>,
     #[serde(default)]
     cold_threads_per_day: Option<Spanned<u32>>,
+    #[serde(default)]
+    max_attempts: Option<Spanned<u32>>,
+    #[serde(default)]
+    retry_initial_ms: Option<Spanned<u64>>,
 }
 
 #[derive(Deserialize)]
@@ -272,10 +284,8 @@ struct RawPlugin {
 /// # Errors
 /// When the file cannot be read or any key is missing, unknown or invalid.
 pub fn load(path: &Path) -> Result<Config, ConfigError> {
-    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-        path: path.to_path_buf(),
-        source,
-    })?;
+    let text = std::fs::read_to_string(path)
+        .map_err(|source| ConfigError::Read { path: path.to_path_buf(), source })?;
     parse(&text, path)
 }
 
@@ -341,10 +351,7 @@ pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
         None => return Err(ctx.missing("state.dir", "add a [state] table with `dir = \"…\"`")),
     };
 
-    let inbox = raw.inbox.unwrap_or(RawInbox {
-        transport: None,
-        poll_interval_ms: None,
-    });
+    let inbox = raw.inbox.unwrap_or(RawInbox { transport: None, poll_interval_ms: None });
     let poll_interval_ms = match &inbox.poll_interval_ms {
         Some(ms) => ctx.in_range("inbox.poll_interval_ms", ms, 50, 3_600_000)?,
         None => DEFAULT_POLL_INTERVAL_MS,
@@ -353,6 +360,8 @@ pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
         requests_per_second: None,
         window_margin_ms: None,
         cold_threads_per_day: None,
+        max_attempts: None,
+        retry_initial_ms: None,
     });
     let requests_per_second = match &outbox.requests_per_second {
         Some(rps) => {
@@ -367,6 +376,14 @@ pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
             u32::try_from(value).unwrap_or(u32::MAX)
         }
         None => DEFAULT_COLD_THREADS_PER_DAY,
+    };
+    let max_attempts = match &outbox.max_attempts {
+        Some(n) => u32::try_from(ctx.in_range("outbox.max_attempts", n, 1, 1_000)?).unwrap_or(1),
+        None => DEFAULT_MAX_ATTEMPTS,
+    };
+    let retry_initial_ms = match &outbox.retry_initial_ms {
+        Some(ms) => ctx.in_range("outbox.retry_initial_ms", ms, 1, 60_000)?,
+        None => DEFAULT_RETRY_INITIAL_MS,
     };
     let window_margin_ms = match &outbox.window_margin_ms {
         Some(ms) => ctx.in_range("outbox.window_margin_ms", ms, 0, 1_000)?,
@@ -412,6 +429,8 @@ pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
         requests_per_second,
         window_margin: Duration::from_millis(window_margin_ms),
         cold_threads_per_day,
+        max_attempts,
+        retry_initial: Duration::from_millis(retry_initial_ms),
         plugins,
         log_json,
     })
@@ -422,22 +441,14 @@ pub fn derive_ws_url(api_base: &str) -> String {
     let rest = api_base
         .strip_prefix("https://")
         .map(|rest| format!("wss://{rest}"))
-        .or_else(|| {
-            api_base
-                .strip_prefix("http://")
-                .map(|rest| format!("ws://{rest}"))
-        })
+        .or_else(|| api_base.strip_prefix("http://").map(|rest| format!("ws://{rest}")))
         .unwrap_or_else(|| api_base.to_owned());
     format!("{rest}/v1/ws")
 }
 
 fn resolve(base_dir: &Path, value: &str) -> PathBuf {
     let path = Path::new(value);
-    if path.is_absolute() {
-        path.to_path_buf()
-    } else {
-        base_dir.join(path)
-    }
+    if path.is_absolute() { path.to_path_buf() } else { base_dir.join(path) }
 }
 
 /// Error-building context: the text (to turn spans into lines) and the file name.
@@ -449,11 +460,7 @@ struct Ctx<'a> {
 impl Ctx<'_> {
     fn line_of(&self, span: Range<usize>) -> usize {
         let end = span.start.min(self.text.len());
-        self.text.as_bytes()[..end]
-            .iter()
-            .filter(|b| **b == b'\n')
-            .count()
-            + 1
+        self.text.as_bytes()[..end].iter().filter(|b| **b == b'\n').count() + 1
     }
 
     fn invalid(&self, key: &str, span: Range<usize>, message: &str) -> ConfigError {
@@ -501,9 +508,7 @@ impl Ctx<'_> {
 
     fn http_url(&self, key: &str, value: &Spanned<String>) -> Result<String, ConfigError> {
         let url = value.get_ref().trim().trim_end_matches('/');
-        let host = url
-            .strip_prefix("https://")
-            .or_else(|| url.strip_prefix("http://"));
+        let host = url.strip_prefix("https://").or_else(|| url.strip_prefix("http://"));
         match host {
             Some(host) if !host.is_empty() && !host.contains(char::is_whitespace) => {
                 Ok(url.to_owned())
@@ -518,9 +523,7 @@ impl Ctx<'_> {
 
     fn ws_url(&self, key: &str, value: &Spanned<String>) -> Result<String, ConfigError> {
         let url = value.get_ref().trim();
-        let host = url
-            .strip_prefix("wss://")
-            .or_else(|| url.strip_prefix("ws://"));
+        let host = url.strip_prefix("wss://").or_else(|| url.strip_prefix("ws://"));
         match host {
             Some(host) if !host.is_empty() && !host.contains(char::is_whitespace) => {
                 Ok(url.to_owned())
@@ -537,9 +540,7 @@ impl Ctx<'_> {
         let id = raw.id.get_ref();
         let valid_id = !id.is_empty()
             && id.len() <= 64
-            && id
-                .chars()
-                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-');
+            && id.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-');
         if !valid_id {
             return Err(self.invalid(
                 "plugins.id",
@@ -558,11 +559,7 @@ impl Ctx<'_> {
         };
         let config_json = match &raw.config {
             Some(table) => serde_json::to_string(table).map_err(|err| {
-                self.invalid(
-                    "plugins.config",
-                    raw.id.span(),
-                    &format!("cannot encode: {err}"),
-                )
+                self.invalid("plugins.config", raw.id.span(), &format!("cannot encode: {err}"))
             })?,
             None => "{}".to_owned(),
         };

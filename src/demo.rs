@@ -54,16 +54,8 @@ pub async fn run(args: DemoArgs, shutdown: CancellationToken) -> anyhow::Result<
     let server = LocalServer::start(ServerConfig::default(), "127.0.0.1:0".parse()?)
         .await
         .context("while starting the local server")?;
-    let agent_key = server
-        .seed_agent(AGENT)
-        .await
-        .context("while creating the agent")?;
-    let peer_key = ApiKey::new(
-        server
-            .seed_agent(PEER)
-            .await
-            .context("while creating the peer")?,
-    );
+    let agent_key = server.seed_agent(AGENT).await.context("while creating the agent")?;
+    let peer_key = ApiKey::new(server.seed_agent(PEER).await.context("while creating the peer")?);
     let key_file = state.join("api-key");
     std::fs::write(&key_file, &agent_key).context("while writing the agent's key file")?;
     println!("local AgentChat server on {}", server.base_url());
@@ -78,6 +70,8 @@ pub async fn run(args: DemoArgs, shutdown: CancellationToken) -> anyhow::Result<
         requests_per_second: 60,
         window_margin: Duration::from_millis(40),
         cold_threads_per_day: 100,
+        max_attempts: 12,
+        retry_initial: Duration::from_millis(500),
         plugins: vec![PluginConfig {
             id: "echo".into(),
             path: args.plugin.clone(),
@@ -99,10 +93,7 @@ pub async fn run(args: DemoArgs, shutdown: CancellationToken) -> anyhow::Result<
         }
     };
     if result.is_ok() && !args.once && !shutdown.is_cancelled() {
-        println!(
-            "the agent keeps answering at {}; press Ctrl-C to stop",
-            server.base_url()
-        );
+        println!("the agent keeps answering at {}; press Ctrl-C to stop", server.base_url());
         shutdown.cancelled().await;
     }
     daemon_stop.cancel();
@@ -129,22 +120,12 @@ async fn exchange(base: &str, key: &ApiKey, count: u32) -> anyhow::Result<()> {
             conversation_id: None,
             client_msg_id: format!("demo-{n}"),
             kind: "text".into(),
-            content: Content {
-                text: Some(text.clone()),
-                ..Content::default()
-            },
+            content: Content { text: Some(text.clone()), ..Content::default() },
         };
-        client
-            .send_message(&request)
-            .await
-            .context("the peer's send failed")?;
+        client.send_message(&request).await.context("the peer's send failed")?;
         println!("{PEER} -> {AGENT}: {text}");
         loop {
-            match socket
-                .next_event()
-                .await
-                .context("the peer's websocket failed")?
-            {
+            match socket.next_event().await.context("the peer's websocket failed")? {
                 Event::Message(message) => {
                     socket.ack(&message.id).await?;
                     let text = message.content.text.unwrap_or_default();

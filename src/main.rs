@@ -105,19 +105,14 @@ fn main() -> ExitCode {
         }
         Command::Demo(args) => run_tool(|shutdown| agentchatd::demo::run(args, shutdown)),
         Command::Status { config } => {
+            admin_command(&config, |c| async move { Ok((true, admin::status(&c).await?)) })
+        }
+        Command::Send { config, to, text, id } => {
             admin_command(
                 &config,
-                |c| async move { Ok((true, admin::status(&c).await?)) },
+                |c| async move { Ok((true, admin::send(&c, &to, &text, id).await?)) },
             )
         }
-        Command::Send {
-            config,
-            to,
-            text,
-            id,
-        } => admin_command(&config, |c| async move {
-            Ok((true, admin::send(&c, &to, &text, id).await?))
-        }),
         Command::Outbox { config, action } => admin_command(&config, |c| async move {
             match action {
                 OutboxAction::List { state, limit } => {
@@ -177,10 +172,7 @@ where
             return ExitCode::from(EXIT_CONFIG);
         }
     };
-    let runtime = match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    {
+    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
         Ok(runtime) => runtime,
         Err(err) => {
             eprintln!("agentchatd: cannot start the async runtime: {err}");
@@ -190,11 +182,7 @@ where
     match runtime.block_on(command(config)) {
         Ok((done, text)) => {
             print!("{text}");
-            if done {
-                ExitCode::SUCCESS
-            } else {
-                ExitCode::FAILURE
-            }
+            if done { ExitCode::SUCCESS } else { ExitCode::FAILURE }
         }
         Err(err) => {
             eprintln!("agentchatd: {err}");
@@ -260,9 +248,7 @@ fn run_daemon(path: &std::path::Path) -> ExitCode {
 fn init_logging(json: bool) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("AGENTCHATD_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
     if json {
         builder.json().init();
     } else {
@@ -276,19 +262,17 @@ fn init_logging(json: bool) {
 fn install_signals(shutdown: CancellationToken) -> std::io::Result<()> {
     use signal_hook::consts::{SIGINT, SIGTERM};
     let mut signals = signal_hook::iterator::Signals::new([SIGTERM, SIGINT])?;
-    std::thread::Builder::new()
-        .name("signals".into())
-        .spawn(move || {
-            let mut seen = 0;
-            for signal in signals.forever() {
-                seen += 1;
-                if seen > 1 {
-                    eprintln!("agentchatd: second signal {signal}, exiting now");
-                    std::process::exit(130);
-                }
-                tracing::info!(signal, "stopping");
-                shutdown.cancel();
+    std::thread::Builder::new().name("signals".into()).spawn(move || {
+        let mut seen = 0;
+        for signal in signals.forever() {
+            seen += 1;
+            if seen > 1 {
+                eprintln!("agentchatd: second signal {signal}, exiting now");
+                std::process::exit(130);
             }
-        })?;
+            tracing::info!(signal, "stopping");
+            shutdown.cancel();
+        }
+    })?;
     Ok(())
 }

@@ -86,10 +86,8 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Serv
     tracing::info!(plugins = ?plugins.plugin_ids(), state = %store.path().display(), "loaded");
 
     let client = Client::new(&config.api_base, key.clone())?;
-    let limiter = Arc::new(RateLimiter::per_second(
-        config.requests_per_second,
-        config.window_margin,
-    ));
+    let limiter =
+        Arc::new(RateLimiter::per_second(config.requests_per_second, config.window_margin));
     let Some(me) = identify(&client, &limiter, &shutdown).await? else {
         return Ok(());
     };
@@ -107,6 +105,8 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Serv
         wake,
         OutboxSettings {
             cold_threads_per_day: config.cold_threads_per_day,
+            max_attempts: config.max_attempts,
+            retry_initial: config.retry_initial,
             ..OutboxSettings::default()
         },
     );
@@ -119,27 +119,15 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Serv
 
     let inbox_stop = stop.clone();
     let inbox_task = tasks.spawn(async move {
-        let result = run_inbox(
-            &config,
-            &processor,
-            &client,
-            &store,
-            &limiter,
-            &key,
-            &inbox_stop,
-        )
-        .await;
+        let result =
+            run_inbox(&config, &processor, &client, &store, &limiter, &key, &inbox_stop).await;
         inbox_stop.cancel();
         result
     });
     tasks.close();
 
-    let inbox_result = inbox_task
-        .await
-        .map_err(|err| ServiceError::Task(err.to_string()))?;
-    let outbox_result = outbox_task
-        .await
-        .map_err(|err| ServiceError::Task(err.to_string()))?;
+    let inbox_result = inbox_task.await.map_err(|err| ServiceError::Task(err.to_string()))?;
+    let outbox_result = outbox_task.await.map_err(|err| ServiceError::Task(err.to_string()))?;
     tasks.wait().await;
     inbox_result?;
     outbox_result?;
@@ -156,13 +144,7 @@ async fn run_inbox(
     key: &crate::config::ApiKey,
     shutdown: &CancellationToken,
 ) -> Result<(), InboxError> {
-    let poller = Poller {
-        processor,
-        client,
-        store,
-        limiter,
-        interval: config.poll_interval,
-    };
+    let poller = Poller { processor, client, store, limiter, interval: config.poll_interval };
     if config.transport == Transport::Poll {
         return poller.run(shutdown).await;
     }

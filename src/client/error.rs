@@ -263,20 +263,14 @@ mod tests {
     fn retry_after_reads_integer_seconds() {
         let now = SystemTime::now();
         assert_eq!(parse_retry_after("7", now), Some(Duration::from_secs(7)));
-        assert_eq!(
-            parse_retry_after(" 3600 ", now),
-            Some(Duration::from_secs(3600))
-        );
+        assert_eq!(parse_retry_after(" 3600 ", now), Some(Duration::from_secs(3600)));
     }
 
     #[test]
     fn retry_after_reads_http_dates() {
         let now = httpdate::parse_http_date("Sun, 06 Nov 1994 08:49:37 GMT").expect("date");
         let later = "Sun, 06 Nov 1994 08:51:37 GMT";
-        assert_eq!(
-            parse_retry_after(later, now),
-            Some(Duration::from_secs(120))
-        );
+        assert_eq!(parse_retry_after(later, now), Some(Duration::from_secs(120)));
         let past = "Sun, 06 Nov 1994 08:00:00 GMT";
         assert_eq!(parse_retry_after(past, now), Some(Duration::ZERO));
     }
@@ -294,54 +288,24 @@ mod tests {
     fn codes_round_trip_and_aliases_map() {
         assert_eq!(ErrorCode::parse("AWAITING_REPLY"), ErrorCode::AwaitingReply);
         assert_eq!(ErrorCode::parse("INVALID_API_KEY"), ErrorCode::Unauthorized);
-        assert_eq!(
-            ErrorCode::parse("NEW_THING"),
-            ErrorCode::Other("NEW_THING".into())
-        );
-        assert_eq!(
-            ErrorCode::fallback_for_status(404),
-            ErrorCode::AgentNotFound
-        );
+        assert_eq!(ErrorCode::parse("NEW_THING"), ErrorCode::Other("NEW_THING".into()));
+        assert_eq!(ErrorCode::fallback_for_status(404), ErrorCode::AgentNotFound);
     }
 
     fn status(status: u16, code: ErrorCode) -> ApiError {
-        let reply = ErrorReply {
-            status,
-            code,
-            message: String::new(),
-            details: None,
-            retry_after: None,
-        };
-        ApiError::Status {
-            method: "POST",
-            path: "/v1/messages".into(),
-            reply: Box::new(reply),
-        }
+        let reply =
+            ErrorReply { status, code, message: String::new(), details: None, retry_after: None };
+        ApiError::Status { method: "POST", path: "/v1/messages".into(), reply: Box::new(reply) }
     }
 
     #[test]
     fn dispositions_separate_limits_from_outages() {
-        assert_eq!(
-            status(401, ErrorCode::Unauthorized).disposition(),
-            Disposition::Fatal
-        );
-        assert_eq!(
-            status(429, ErrorCode::RateLimited).disposition(),
-            Disposition::Throttled
-        );
+        assert_eq!(status(401, ErrorCode::Unauthorized).disposition(), Disposition::Fatal);
+        assert_eq!(status(429, ErrorCode::RateLimited).disposition(), Disposition::Throttled);
         let backlog = status(429, ErrorCode::RecipientBacklogged);
         assert_eq!(backlog.disposition(), Disposition::Throttled);
-        assert_eq!(
-            status(503, ErrorCode::InternalError).disposition(),
-            Disposition::Transient
-        );
-        assert_eq!(
-            status(403, ErrorCode::AwaitingReply).disposition(),
-            Disposition::Permanent
-        );
-        assert_eq!(
-            status(413, ErrorCode::ContentTooLarge).disposition(),
-            Disposition::Permanent
-        );
+        assert_eq!(status(503, ErrorCode::InternalError).disposition(), Disposition::Transient);
+        assert_eq!(status(403, ErrorCode::AwaitingReply).disposition(), Disposition::Permanent);
+        assert_eq!(status(413, ErrorCode::ContentTooLarge).disposition(), Disposition::Permanent);
     }
 }

@@ -31,9 +31,7 @@ pub struct Client {
 
 impl std::fmt::Debug for Client {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Client")
-            .field("base", &self.base)
-            .finish_non_exhaustive()
+        f.debug_struct("Client").field("base", &self.base).finish_non_exhaustive()
     }
 }
 
@@ -47,11 +45,7 @@ impl Client {
             .timeout(REQUEST_TIMEOUT)
             .user_agent(concat!("agentchatd/", env!("CARGO_PKG_VERSION")))
             .build()?;
-        Ok(Self {
-            http,
-            base: base.trim_end_matches('/').to_owned(),
-            key,
-        })
+        Ok(Self { http, base: base.trim_end_matches('/').to_owned(), key })
     }
 
     /// `GET /v1/agents/me`.
@@ -59,9 +53,7 @@ impl Client {
     /// # Errors
     /// Any [`ApiError`].
     pub async fn me(&self) -> Result<Me, ApiError> {
-        self.request(Method::GET, "/v1/agents/me", &[], None)
-            .await
-            .and_then(decode("GET", "me"))
+        self.request(Method::GET, "/v1/agents/me", &[], None).await.and_then(decode("GET", "me"))
     }
 
     /// `POST /v1/messages`: one attempt.
@@ -83,11 +75,7 @@ impl Client {
             .and_then(parse_backlog_warning);
         let replayed = reply.status == StatusCode::OK;
         let message = decode("POST", path)(reply)?;
-        Ok(SendOutcome {
-            message,
-            replayed,
-            backlog_warning,
-        })
+        Ok(SendOutcome { message, replayed, backlog_warning })
     }
 
     /// `GET /v1/messages/sync`: the next page of undelivered messages. Rows are decoded one by
@@ -102,10 +90,8 @@ impl Client {
             query.push(("after", after));
         }
         let path = "/v1/messages/sync";
-        let rows: Vec<serde_json::Value> = self
-            .request(Method::GET, path, &query, None)
-            .await
-            .and_then(decode("GET", path))?;
+        let rows: Vec<serde_json::Value> =
+            self.request(Method::GET, path, &query, None).await.and_then(decode("GET", path))?;
         Ok(rows.into_iter().map(SyncRow::from_value).collect())
     }
 
@@ -116,9 +102,7 @@ impl Client {
     pub async fn ack(&self, last_delivery_id: &str) -> Result<AckResult, ApiError> {
         let path = "/v1/messages/sync/ack";
         let body = serde_json::json!({ "last_delivery_id": last_delivery_id });
-        self.request(Method::POST, path, &[], Some(&body))
-            .await
-            .and_then(decode("POST", path))
+        self.request(Method::POST, path, &[], Some(&body)).await.and_then(decode("POST", path))
     }
 
     /// `GET /v1/messages/{conversation_id}?after_seq=…`: history, oldest first.
@@ -134,9 +118,7 @@ impl Client {
         let path = format!("/v1/messages/{conversation_id}");
         let (after, limit) = (after_seq.to_string(), limit.to_string());
         let query = [("after_seq", after.as_str()), ("limit", limit.as_str())];
-        self.request(Method::GET, &path, &query, None)
-            .await
-            .and_then(decode("GET", &path))
+        self.request(Method::GET, &path, &query, None).await.and_then(decode("GET", &path))
     }
 
     async fn request(
@@ -155,35 +137,17 @@ impl Client {
         if let Some(body) = body {
             req = req.json(body);
         }
-        let transport = |source| ApiError::Transport {
-            method: method_name,
-            path: path.into(),
-            source,
-        };
+        let transport =
+            |source| ApiError::Transport { method: method_name, path: path.into(), source };
         let resp = req.send().await.map_err(transport)?;
         let status = resp.status();
         let headers = resp.headers().clone();
         let bytes = resp.bytes().await.map_err(transport)?.to_vec();
-        tracing::trace!(
-            method = method_name,
-            path,
-            status = status.as_u16(),
-            "api reply"
-        );
+        tracing::trace!(method = method_name, path, status = status.as_u16(), "api reply");
         if status.is_success() {
-            return Ok(RawReply {
-                status,
-                headers,
-                bytes,
-            });
+            return Ok(RawReply { status, headers, bytes });
         }
-        Err(error_from_reply(
-            method_name,
-            path,
-            status,
-            &headers,
-            &bytes,
-        ))
+        Err(error_from_reply(method_name, path, status, &headers, &bytes))
     }
 }
 
@@ -229,11 +193,7 @@ fn error_from_reply(
 ) -> ApiError {
     let envelope: Option<serde_json::Value> = serde_json::from_slice(body).ok();
     let field = |name: &str| {
-        envelope
-            .as_ref()
-            .and_then(|v| v.get(name))
-            .and_then(|v| v.as_str())
-            .map(str::to_owned)
+        envelope.as_ref().and_then(|v| v.get(name)).and_then(|v| v.as_str()).map(str::to_owned)
     };
     let code = field("code")
         .map(|c| ErrorCode::parse(&c))
@@ -253,18 +213,8 @@ fn error_from_reply(
         .and_then(|v| v.to_str().ok())
         .and_then(|v| parse_retry_after(v, SystemTime::now()))
         .or(body_retry_ms.map(Duration::from_millis));
-    let reply = ErrorReply {
-        status: status.as_u16(),
-        code,
-        message,
-        details,
-        retry_after,
-    };
-    ApiError::Status {
-        method,
-        path: path.to_owned(),
-        reply: Box::new(reply),
-    }
+    let reply = ErrorReply { status: status.as_u16(), code, message, details, retry_after };
+    ApiError::Status { method, path: path.to_owned(), reply: Box::new(reply) }
 }
 
 /// Parses `X-Backlog-Warning: <handle>=<count>`; malformed values are ignored.
@@ -280,10 +230,7 @@ mod tests {
 
     #[test]
     fn backlog_warning_is_split_at_the_first_equals() {
-        assert_eq!(
-            parse_backlog_warning("bob=5001"),
-            Some(("bob".into(), 5001))
-        );
+        assert_eq!(parse_backlog_warning("bob=5001"), Some(("bob".into(), 5001)));
         assert_eq!(parse_backlog_warning("bob=x"), None);
         assert_eq!(parse_backlog_warning("bob"), None);
     }
@@ -293,13 +240,8 @@ mod tests {
         let mut headers = HeaderMap::new();
         headers.insert(RETRY_AFTER, "2".parse().expect("header"));
         let body = br#"{"code":"RATE_LIMITED","message":"slow down","details":{"a":1}}"#;
-        let err = error_from_reply(
-            "POST",
-            "/v1/messages",
-            StatusCode::TOO_MANY_REQUESTS,
-            &headers,
-            body,
-        );
+        let err =
+            error_from_reply("POST", "/v1/messages", StatusCode::TOO_MANY_REQUESTS, &headers, body);
         assert_eq!(err.code(), Some(&ErrorCode::RateLimited));
         assert_eq!(err.retry_after(), Some(Duration::from_secs(2)));
         assert!(matches!(err, ApiError::Status { reply, .. } if reply.details.is_some()));

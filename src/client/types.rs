@@ -129,10 +129,7 @@ impl SyncRow {
     pub fn from_value(raw: serde_json::Value) -> Self {
         match serde_json::from_value::<Message>(raw.clone()) {
             Ok(message) => Self::Message(Box::new(message)),
-            Err(err) => Self::Malformed {
-                raw,
-                reason: err.to_string(),
-            },
+            Err(err) => Self::Malformed { raw, reason: err.to_string() },
         }
     }
 

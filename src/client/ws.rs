@@ -119,9 +119,7 @@ pub async fn connect(url: &str, key: &ApiKey, options: WsOptions) -> Result<Conn
     let (mut stream, _) = match tokio_tungstenite::connect_async(url).await {
         Ok(ok) => ok,
         Err(tungstenite::Error::Http(resp)) => {
-            return Err(WsError::UpgradeRefused {
-                status: resp.status().as_u16(),
-            });
+            return Err(WsError::UpgradeRefused { status: resp.status().as_u16() });
         }
         Err(err) => return Err(err.into()),
     };
@@ -190,9 +188,7 @@ impl Connection {
     /// When the socket closes, breaks or goes silent.
     pub async fn next_event(&mut self) -> Result<Event, WsError> {
         loop {
-            let deadline = self
-                .next_ping
-                .min(self.last_heard + self.options.idle_timeout);
+            let deadline = self.next_ping.min(self.last_heard + self.options.idle_timeout);
             let frame = tokio::select! {
                 frame = self.stream.next() => frame,
                 () = tokio::time::sleep_until(deadline) => {
@@ -210,10 +206,7 @@ impl Connection {
                 Frame::Close(frame) => return Err(closed(frame)),
                 Frame::Binary(bytes) => {
                     let raw = format!("<{} binary bytes>", bytes.len());
-                    return Ok(Event::Malformed {
-                        raw,
-                        reason: "binary frame".into(),
-                    });
+                    return Ok(Event::Malformed { raw, reason: "binary frame".into() });
                 }
                 Frame::Ping(_) | Frame::Pong(_) | Frame::Frame(_) => {}
             }
@@ -247,19 +240,12 @@ impl Connection {
 
     /// Closes the socket politely (1000), with a short bound on the closing handshake.
     pub async fn close(mut self) {
-        let _ = timeout(
-            Duration::from_secs(2),
-            self.stream.close(Some(close(1000, "bye"))),
-        )
-        .await;
+        let _ = timeout(Duration::from_secs(2), self.stream.close(Some(close(1000, "bye")))).await;
     }
 }
 
 fn parse_event(text: &str) -> Event {
-    let malformed = |reason: String| Event::Malformed {
-        raw: text.to_owned(),
-        reason,
-    };
+    let malformed = |reason: String| Event::Malformed { raw: text.to_owned(), reason };
     let value: serde_json::Value = match serde_json::from_str(text) {
         Ok(value) => value,
         Err(err) => return malformed(format!("not JSON: {err}")),
@@ -281,22 +267,15 @@ fn parse_event(text: &str) -> Event {
 
 fn closed(frame: Option<CloseFrame>) -> WsError {
     match frame {
-        Some(frame) => WsError::Closed {
-            code: u16::from(frame.code),
-            reason: frame.reason.to_string(),
-        },
-        None => WsError::Closed {
-            code: 1005,
-            reason: String::new(),
-        },
+        Some(frame) => {
+            WsError::Closed { code: u16::from(frame.code), reason: frame.reason.to_string() }
+        }
+        None => WsError::Closed { code: 1005, reason: String::new() },
     }
 }
 
 fn close(code: u16, reason: &'static str) -> CloseFrame {
-    CloseFrame {
-        code: CloseCode::from(code),
-        reason: reason.into(),
-    }
+    CloseFrame { code: CloseCode::from(code), reason: reason.into() }
 }
 
 fn truncate(text: &str) -> String {
@@ -316,36 +295,20 @@ mod tests {
             other => panic!("expected a message, got {other:?}"),
         }
         assert!(matches!(parse_event("{not json"), Event::Malformed { .. }));
-        assert!(matches!(
-            parse_event(r#"{"payload":{}}"#),
-            Event::Malformed { .. }
-        ));
+        assert!(matches!(parse_event(r#"{"payload":{}}"#), Event::Malformed { .. }));
         let bad = r#"{"type":"message.new","payload":{"id":5}}"#;
         assert!(matches!(parse_event(bad), Event::Malformed { .. }));
-        assert!(matches!(
-            parse_event(r#"{"type":"presence.update"}"#),
-            Event::Other(_)
-        ));
+        assert!(matches!(parse_event(r#"{"type":"presence.update"}"#), Event::Other(_)));
     }
 
     #[test]
     fn auth_closes_are_terminal_but_hello_timeouts_are_not() {
-        let bad_key = WsError::Closed {
-            code: 1008,
-            reason: "Invalid token".into(),
-        };
+        let bad_key = WsError::Closed { code: 1008, reason: "Invalid token".into() };
         assert!(bad_key.is_auth_terminal());
-        let late = WsError::Closed {
-            code: 1008,
-            reason: "HELLO frame required".into(),
-        };
+        let late = WsError::Closed { code: 1008, reason: "HELLO frame required".into() };
         assert!(!late.is_auth_terminal());
         assert!(
-            !WsError::Closed {
-                code: 1001,
-                reason: "Heartbeat timeout".into()
-            }
-            .is_auth_terminal()
+            !WsError::Closed { code: 1001, reason: "Heartbeat timeout".into() }.is_auth_terminal()
         );
     }
 }

@@ -25,12 +25,7 @@ fn parse_str(text: &str) -> Result<Config, ConfigError> {
 
 fn check_invalid(text: &str, key: &str, line: usize) -> String {
     match parse_str(text) {
-        Err(ConfigError::Invalid {
-            key: k,
-            line: l,
-            message,
-            ..
-        }) => {
+        Err(ConfigError::Invalid { key: k, line: l, message, .. }) => {
             assert_eq!((k.as_str(), l), (key, line), "message: {message}");
             message
         }
@@ -50,10 +45,7 @@ fn good_config_is_validated_into_typed_values() {
     assert_eq!(config.requests_per_second, 60);
     let plugin = &config.plugins[0];
     assert_eq!(plugin.id, "echo");
-    assert_eq!(
-        plugin.path,
-        PathBuf::from("/etc/agentchatd/plugins/echo.wasm")
-    );
+    assert_eq!(plugin.path, PathBuf::from("/etc/agentchatd/plugins/echo.wasm"));
     assert_eq!(plugin.timeout, Duration::from_millis(50));
     assert_eq!(plugin.memory_limit_bytes, 32 * 1024 * 1024);
     assert_eq!(plugin.config_json, r#"{"greeting":"hi"}"#);
@@ -61,10 +53,7 @@ fn good_config_is_validated_into_typed_values() {
 
 #[test]
 fn https_base_derives_a_wss_inbox_url() {
-    assert_eq!(
-        derive_ws_url("https://api.agentchat.me"),
-        "wss://api.agentchat.me/v1/ws"
-    );
+    assert_eq!(derive_ws_url("https://api.agentchat.me"), "wss://api.agentchat.me/v1/ws");
 }
 
 #[test]
@@ -77,10 +66,7 @@ fn unknown_key_is_named_with_its_line() {
 
 #[test]
 fn inline_api_key_is_refused_with_the_fix() {
-    let text = GOOD.replace(
-        "api_key_env = \"AGENTCHAT_API_KEY\"",
-        "api_key = \"ac_secret\"",
-    );
+    let text = GOOD.replace("api_key_env = \"AGENTCHAT_API_KEY\"", "api_key = \"ac_secret\"");
     let message = check_invalid(&text, "agent.api_key", 4);
     assert!(message.contains("api_key_file"), "{message}");
 }
@@ -128,10 +114,7 @@ fn wrong_type_is_a_parse_error_naming_the_key() {
 fn unknown_transport_is_a_parse_error() {
     let text = GOOD.replace("transport = \"poll\"", "transport = \"carrier-pigeon\"");
     let err = parse_str(&text).expect_err("bad transport").to_string();
-    assert!(
-        err.contains("carrier-pigeon") || err.contains("transport"),
-        "{err}"
-    );
+    assert!(err.contains("carrier-pigeon") || err.contains("transport"), "{err}");
 }
 
 #[test]

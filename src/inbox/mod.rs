@@ -64,12 +64,7 @@ impl Processor {
         me: String,
         outbox_wake: Arc<Notify>,
     ) -> Self {
-        Self {
-            store,
-            plugins,
-            me,
-            outbox_wake,
-        }
+        Self { store, plugins, me, outbox_wake }
     }
 
     /// Handles one message: dedupe, plugins, then one transaction recording the message as
@@ -144,11 +139,7 @@ impl Processor {
         }
 
         let replies = sends.len();
-        let outcome = if outcome.is_empty() {
-            "pass".to_owned()
-        } else {
-            outcome.join(",")
-        };
+        let outcome = if outcome.is_empty() { "pass".to_owned() } else { outcome.join(",") };
         let fresh = self
             .store
             .record_processed(
@@ -178,11 +169,8 @@ fn to_plugin_message(message: &Message) -> plugins::InboundMessage {
         "system" => ContentKind::System,
         _ => ContentKind::Text,
     };
-    let conversation_kind = if message.is_group() {
-        ConversationKind::Group
-    } else {
-        ConversationKind::Direct
-    };
+    let conversation_kind =
+        if message.is_group() { ConversationKind::Group } else { ConversationKind::Direct };
     plugins::InboundMessage {
         id: message.id.clone(),
         conversation_id: message.conversation_id.clone(),
@@ -205,9 +193,7 @@ fn reply_request(
     index: usize,
     draft: Draft,
 ) -> Result<(String, SendRequest), String> {
-    let target = draft
-        .conversation_id
-        .unwrap_or_else(|| message.conversation_id.clone());
+    let target = draft.conversation_id.unwrap_or_else(|| message.conversation_id.clone());
     let (to, conversation_id) = if target.starts_with("grp_") {
         (None, Some(target))
     } else if target == message.conversation_id {
@@ -225,21 +211,13 @@ fn reply_request(
         ),
         None => None,
     };
-    let kind = if draft.text.is_none() && data.is_some() {
-        "structured"
-    } else {
-        "text"
-    };
+    let kind = if draft.text.is_none() && data.is_some() { "structured" } else { "text" };
     let request = SendRequest {
         to,
         conversation_id,
         client_msg_id: reply_key(&message.id, plugin, index),
         kind: kind.to_owned(),
-        content: Content {
-            text: draft.text,
-            data,
-            attachment_id: None,
-        },
+        content: Content { text: draft.text, data, attachment_id: None },
     };
     Ok((request.client_msg_id.clone(), request))
 }

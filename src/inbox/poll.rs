@@ -92,10 +92,7 @@ impl Poller<'_> {
                 self.limiter.acquire(Priority::High).await;
                 let acked = self.client.ack(&cursor).await.map_err(api)?;
                 tracing::debug!(acked = acked.acked, %cursor, "sync page acknowledged");
-                self.store
-                    .set_meta("sync_cursor", cursor)
-                    .await
-                    .map_err(InboxError::from)?;
+                self.store.set_meta("sync_cursor", cursor).await.map_err(InboxError::from)?;
             } else if !page.is_empty() {
                 // Without a cursor nothing can be acknowledged and the same page would come back
                 // forever; stop draining until the next poll.

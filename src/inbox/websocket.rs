@@ -85,14 +85,11 @@ impl WsInbox<'_> {
             if err.is_auth_terminal() {
                 return Err(InboxError::Fatal(err.to_string()));
             }
-            if let WsError::UpgradeRefused { status } = err {
-                if self.allow_unsupported {
-                    tracing::warn!(
-                        status,
-                        "server refused the websocket upgrade; polling instead"
-                    );
-                    return Ok(WsEnd::Unsupported);
-                }
+            if let WsError::UpgradeRefused { status } = err
+                && self.allow_unsupported
+            {
+                tracing::warn!(status, "server refused the websocket upgrade; polling instead");
+                return Ok(WsEnd::Unsupported);
             }
             attempt = attempt.saturating_add(1);
             let pause = backoff.delay(attempt);
@@ -130,9 +127,7 @@ impl WsInbox<'_> {
                 Ok(Event::Other(kind)) => tracing::debug!(%kind, "websocket event ignored"),
                 Ok(Event::Malformed { raw, reason }) => {
                     tracing::warn!(%reason, "malformed websocket frame quarantined");
-                    self.store
-                        .quarantine("websocket", raw, reason, now_ms())
-                        .await?;
+                    self.store.quarantine("websocket", raw, reason, now_ms()).await?;
                 }
                 Err(err) => return Ok(Some(err)),
             }

@@ -73,9 +73,7 @@ impl Heartbeat {
     /// Starts watching `name` with its own stall limit, counting from now; for loops whose turns
     /// legitimately take longer, such as one waiting out a long retry.
     pub fn register_with_limit(&self, name: &str, stall_limit: Duration) {
-        self.lock()
-            .loops
-            .insert(name.to_owned(), (Instant::now(), stall_limit));
+        self.lock().loops.insert(name.to_owned(), (Instant::now(), stall_limit));
     }
 
     /// Stops watching `name`, for a loop that ends on purpose (for example during shutdown).
@@ -168,9 +166,7 @@ impl Readiness {
             .into_iter()
             .map(|name| (name.to_owned(), Some(NOT_STARTED.to_owned())))
             .collect();
-        Self {
-            state: Arc::new(watch::Sender::new(state)),
-        }
+        Self { state: Arc::new(watch::Sender::new(state)) }
     }
 
     /// Marks `condition` as holding; adds it if unknown.
@@ -198,9 +194,7 @@ impl Readiness {
         let mut changes = self.state.subscribe();
         // The sender lives in `self`, so the channel cannot close while we wait; an error
         // could only mean it did, and then there is nothing left to wait for.
-        let _ = changes
-            .wait_for(|state| state.values().all(Option::is_none))
-            .await;
+        let _ = changes.wait_for(|state| state.values().all(Option::is_none)).await;
     }
 
     fn set(&self, condition: &str, reason: Option<String>) {
@@ -217,10 +211,9 @@ fn pending_in(state: &BTreeMap<String, Option<String>>) -> Vec<Pending> {
     state
         .iter()
         .filter_map(|(name, reason)| {
-            reason.as_ref().map(|reason| Pending {
-                condition: name.clone(),
-                reason: reason.clone(),
-            })
+            reason
+                .as_ref()
+                .map(|reason| Pending { condition: name.clone(), reason: reason.clone() })
         })
         .collect()
 }
@@ -260,11 +253,7 @@ mod tests {
         heartbeat.register_with_limit("outbox", Duration::from_secs(300));
 
         tokio::time::advance(Duration::from_secs(60)).await;
-        let names: Vec<_> = heartbeat
-            .stalled()
-            .into_iter()
-            .map(|s| s.loop_name)
-            .collect();
+        let names: Vec<_> = heartbeat.stalled().into_iter().map(|s| s.loop_name).collect();
         assert_eq!(names, ["inbox"]);
 
         heartbeat.beat("inbox");
@@ -300,13 +289,7 @@ mod tests {
         readiness.mark_ready("plugins");
         readiness.mark_not_ready("inbox", "connecting");
         let pending = readiness.pending();
-        assert_eq!(
-            pending,
-            [Pending {
-                condition: "inbox".into(),
-                reason: "connecting".into()
-            }]
-        );
+        assert_eq!(pending, [Pending { condition: "inbox".into(), reason: "connecting".into() }]);
 
         readiness.mark_ready("inbox");
         assert!(readiness.is_ready());

@@ -104,9 +104,7 @@ pub async fn start(
     shutdown: CancellationToken,
 ) -> Result<OpsServer, HttpError> {
     let bind_error = |source| HttpError::Bind { addr, source };
-    let listener = tokio::net::TcpListener::bind(addr)
-        .await
-        .map_err(bind_error)?;
+    let listener = tokio::net::TcpListener::bind(addr).await.map_err(bind_error)?;
     let local_addr = listener.local_addr().map_err(bind_error)?;
     tracing::info!(addr = %local_addr, "serving metrics and health");
 
@@ -134,11 +132,7 @@ pub async fn start(
 }
 
 async fn metrics(State(state): State<OpsState>) -> Response {
-    (
-        [(header::CONTENT_TYPE, CONTENT_TYPE)],
-        state.metrics.render(),
-    )
-        .into_response()
+    ([(header::CONTENT_TYPE, CONTENT_TYPE)], state.metrics.render()).into_response()
 }
 
 async fn healthz(State(state): State<OpsState>) -> Response {

@@ -63,17 +63,11 @@ pub enum LockError {
 
 fn held_message(path: &Path, holder: Option<&Holder>) -> String {
     let who = match holder {
-        Some(Holder {
-            pid,
-            started: Some(started),
-        }) => format!("pid {pid}, started {started}"),
+        Some(Holder { pid, started: Some(started) }) => format!("pid {pid}, started {started}"),
         Some(Holder { pid, started: None }) => format!("pid {pid}"),
         None => "pid unknown".to_owned(),
     };
-    format!(
-        "another agentchatd ({who}) holds {}; stop it or use another state.dir",
-        path.display()
-    )
+    format!("another agentchatd ({who}) holds {}; stop it or use another state.dir", path.display())
 }
 
 /// The held instance lock; dropping it releases the lock.
@@ -95,10 +89,7 @@ impl InstanceLock {
     /// it; the other variants for file system failures.
     pub fn acquire(state_dir: &Path) -> Result<Self, LockError> {
         let path = state_dir.join(LOCK_FILE_NAME);
-        let open_error = |source| LockError::Open {
-            path: path.clone(),
-            source,
-        };
+        let open_error = |source| LockError::Open { path: path.clone(), source };
         std::fs::create_dir_all(state_dir).map_err(open_error)?;
         // No truncation on open: until we hold the lock, the contents are the holder's.
         let file = OpenOptions::new()
@@ -119,10 +110,8 @@ impl InstanceLock {
         }
 
         let lock = Self { file, path };
-        lock.record_self().map_err(|source| LockError::Write {
-            path: lock.path.clone(),
-            source,
-        })?;
+        lock.record_self()
+            .map_err(|source| LockError::Write { path: lock.path.clone(), source })?;
         tracing::debug!(path = %lock.path.display(), "instance lock taken");
         Ok(lock)
     }
@@ -179,13 +168,7 @@ mod tests {
     #[test]
     fn holder_lines_are_parsed_in_any_order_and_unknown_keys_ignored() {
         let holder = parse_holder("started=2026-01-02T03:04:05Z\nversion=1\npid=42\n");
-        assert_eq!(
-            holder,
-            Some(Holder {
-                pid: 42,
-                started: Some("2026-01-02T03:04:05Z".into())
-            })
-        );
+        assert_eq!(holder, Some(Holder { pid: 42, started: Some("2026-01-02T03:04:05Z".into()) }));
     }
 
     #[test]
@@ -198,10 +181,7 @@ mod tests {
     #[test]
     fn the_message_names_the_file_and_whatever_is_known_of_the_holder() {
         let path = Path::new("/var/lib/agentchatd/agentchatd.lock");
-        let known = Holder {
-            pid: 7,
-            started: Some("2026-01-02T03:04:05Z".into()),
-        };
+        let known = Holder { pid: 7, started: Some("2026-01-02T03:04:05Z".into()) };
         assert_eq!(
             held_message(path, Some(&known)),
             "another agentchatd (pid 7, started 2026-01-02T03:04:05Z) holds \

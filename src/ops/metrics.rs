@@ -18,9 +18,8 @@ pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
 
 /// Upper bounds, in seconds, of the latency histogram buckets: from 1 ms to past the longest
 /// sensible plugin timeout. `+Inf` is implied.
-pub const LATENCY_BUCKETS_SECS: [f64; 13] = [
-    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
-];
+pub const LATENCY_BUCKETS_SECS: [f64; 13] =
+    [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0];
 
 /// A monotonically increasing count.
 #[derive(Debug, Default)]
@@ -110,10 +109,7 @@ pub struct Family<T, const N: usize> {
 
 impl<T: Default, const N: usize> Family<T, N> {
     fn new(label_names: [&'static str; N]) -> Self {
-        Self {
-            label_names,
-            series: Mutex::new(BTreeMap::new()),
-        }
+        Self { label_names, series: Mutex::new(BTreeMap::new()) }
     }
 
     /// The series for `label_values`, created at zero if new.
@@ -126,10 +122,7 @@ impl<T: Default, const N: usize> Family<T, N> {
     /// A snapshot of every series, in label order, for rendering.
     fn snapshot(&self) -> Vec<([String; N], Arc<T>)> {
         let series = self.series.lock().unwrap_or_else(PoisonError::into_inner);
-        series
-            .iter()
-            .map(|(labels, value)| (labels.clone(), Arc::clone(value)))
-            .collect()
+        series.iter().map(|(labels, value)| (labels.clone(), Arc::clone(value))).collect()
     }
 }
 
@@ -222,36 +215,11 @@ impl Metrics {
     pub fn render(&self) -> String {
         let mut out = String::with_capacity(4096);
         let out = &mut out;
-        counter(
-            out,
-            "messages_received_total",
-            HELP_RECEIVED,
-            &self.messages_received,
-        );
-        counter(
-            out,
-            "messages_processed_total",
-            HELP_PROCESSED,
-            &self.messages_processed,
-        );
-        counter(
-            out,
-            "messages_acked_total",
-            HELP_ACKED,
-            &self.messages_acked,
-        );
-        counter_family(
-            out,
-            "plugin_calls_total",
-            HELP_PLUGIN_CALLS,
-            &self.plugin_calls,
-        );
-        counter_family(
-            out,
-            "plugin_errors_total",
-            HELP_PLUGIN_ERRORS,
-            &self.plugin_errors,
-        );
+        counter(out, "messages_received_total", HELP_RECEIVED, &self.messages_received);
+        counter(out, "messages_processed_total", HELP_PROCESSED, &self.messages_processed);
+        counter(out, "messages_acked_total", HELP_ACKED, &self.messages_acked);
+        counter_family(out, "plugin_calls_total", HELP_PLUGIN_CALLS, &self.plugin_calls);
+        counter_family(out, "plugin_errors_total", HELP_PLUGIN_ERRORS, &self.plugin_errors);
         histogram_family(
             out,
             "plugin_call_seconds",
@@ -260,19 +228,9 @@ impl Metrics {
         );
         gauge(out, "outbox_depth", HELP_OUTBOX_DEPTH, &self.outbox_depth);
         counter_family(out, "sends_total", HELP_SENDS, &self.sends);
-        counter(
-            out,
-            "rate_limited_total",
-            HELP_RATE_LIMITED,
-            &self.rate_limited,
-        );
+        counter(out, "rate_limited_total", HELP_RATE_LIMITED, &self.rate_limited);
         gauge(out, "dead_letters", HELP_DEAD_LETTERS, &self.dead_letters);
-        gauge(
-            out,
-            "cold_slots_used",
-            HELP_COLD_SLOTS,
-            &self.cold_slots_used,
-        );
+        gauge(out, "cold_slots_used", HELP_COLD_SLOTS, &self.cold_slots_used);
         counter(out, "reconnects_total", HELP_RECONNECTS, &self.reconnects);
         gauge(out, "connected", HELP_CONNECTED, &self.connected);
         std::mem::take(out)
@@ -362,11 +320,7 @@ fn label_set(names: &[&str], values: &[String], le: Option<&str>) -> String {
     if let Some(le) = le {
         pairs.push(format!("le=\"{le}\""));
     }
-    if pairs.is_empty() {
-        String::new()
-    } else {
-        format!("{{{}}}", pairs.join(","))
-    }
+    if pairs.is_empty() { String::new() } else { format!("{{{}}}", pairs.join(",")) }
 }
 
 /// Escapes a label value as the text format requires: backslash, double quote and line feed.
@@ -400,11 +354,8 @@ mod tests {
         histogram.observe(Duration::from_millis(1)); // exactly on the 0.001 bound
         histogram.observe(Duration::from_millis(7)); // 0.01
         histogram.observe(Duration::from_secs(60)); // +Inf
-        let counts: Vec<u64> = histogram
-            .buckets
-            .iter()
-            .map(|b| b.load(Ordering::Relaxed))
-            .collect();
+        let counts: Vec<u64> =
+            histogram.buckets.iter().map(|b| b.load(Ordering::Relaxed)).collect();
         assert_eq!(counts[0], 1);
         assert_eq!(counts[3], 1);
         assert_eq!(counts[LATENCY_BUCKETS_SECS.len()], 1);

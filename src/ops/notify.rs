@@ -109,13 +109,7 @@ impl Notifier {
         let addr = parse_address(address)?;
         let socket = UnixDatagram::unbound().map_err(NotifyError::Socket)?;
         socket.set_nonblocking(true).map_err(NotifyError::Socket)?;
-        Ok(Self {
-            target: Some(Arc::new(Target {
-                display,
-                addr,
-                socket,
-            })),
-        })
+        Ok(Self { target: Some(Arc::new(Target { display, addr, socket })) })
     }
 
     /// Whether notifications are actually sent.
@@ -139,10 +133,8 @@ impl Notifier {
     /// # Errors
     /// [`NotifyError::Send`] when the datagram cannot be sent.
     pub fn status(&self, text: &str) -> Result<(), NotifyError> {
-        let one_line: String = text
-            .chars()
-            .map(|c| if c == '\n' || c == '\r' { ' ' } else { c })
-            .collect();
+        let one_line: String =
+            text.chars().map(|c| if c == '\n' || c == '\r' { ' ' } else { c }).collect();
         self.send(&format!("STATUS={one_line}"))
     }
 
@@ -192,10 +184,8 @@ impl Notifier {
             socket: target.display.clone(),
             source,
         };
-        let sent = target
-            .socket
-            .send_to_addr(message.as_bytes(), &target.addr)
-            .map_err(send_error)?;
+        let sent =
+            target.socket.send_to_addr(message.as_bytes(), &target.addr).map_err(send_error)?;
         // Datagrams are all or nothing on Unix sockets, but a short count must not pass silently.
         if sent != message.len() {
             return Err(send_error(io::Error::new(
@@ -211,16 +201,12 @@ impl Notifier {
 /// Turns a `$NOTIFY_SOCKET` value into a socket address.
 fn parse_address(value: &OsStr) -> Result<SocketAddr, NotifyError> {
     let bytes = value.as_bytes();
-    let bad = |source| NotifyError::BadAddress {
-        value: value.to_string_lossy().into_owned(),
-        source,
-    };
+    let bad =
+        |source| NotifyError::BadAddress { value: value.to_string_lossy().into_owned(), source };
     match bytes.first() {
         Some(b'/') => SocketAddr::from_pathname(PathBuf::from(value)).map_err(bad),
         Some(b'@') => abstract_address(&bytes[1..]).map_err(bad),
-        _ => Err(NotifyError::UnsupportedAddress {
-            value: value.to_string_lossy().into_owned(),
-        }),
+        _ => Err(NotifyError::UnsupportedAddress { value: value.to_string_lossy().into_owned() }),
     }
 }
 
@@ -232,10 +218,7 @@ fn abstract_address(name: &[u8]) -> io::Result<SocketAddr> {
 
 #[cfg(not(any(target_os = "linux", target_os = "android")))]
 fn abstract_address(_name: &[u8]) -> io::Result<SocketAddr> {
-    Err(io::Error::new(
-        io::ErrorKind::Unsupported,
-        "abstract sockets exist only on Linux",
-    ))
+    Err(io::Error::new(io::ErrorKind::Unsupported, "abstract sockets exist only on Linux"))
 }
 
 /// `CLOCK_MONOTONIC` in microseconds, the clock systemd compares `MONOTONIC_USEC=` against.
@@ -286,14 +269,9 @@ pub fn watchdog_interval_from(
 }
 
 fn parse_positive(name: &'static str, value: &OsStr) -> Result<u64, NotifyError> {
-    value
-        .to_str()
-        .and_then(|text| text.trim().parse::<u64>().ok())
-        .filter(|&n| n > 0)
-        .ok_or_else(|| NotifyError::BadWatchdogVar {
-            name,
-            value: value.to_string_lossy().into_owned(),
-        })
+    value.to_str().and_then(|text| text.trim().parse::<u64>().ok()).filter(|&n| n > 0).ok_or_else(
+        || NotifyError::BadWatchdogVar { name, value: value.to_string_lossy().into_owned() },
+    )
 }
 
 #[cfg(test)]
@@ -315,10 +293,7 @@ mod tests {
     #[test]
     fn no_watchdog_when_unset_or_meant_for_another_process() {
         assert_eq!(interval(None, Some("100")).expect("valid"), None);
-        assert_eq!(
-            interval(Some("30000000"), Some("101")).expect("valid"),
-            None
-        );
+        assert_eq!(interval(Some("30000000"), Some("101")).expect("valid"), None);
     }
 
     #[test]
@@ -340,10 +315,7 @@ mod tests {
         assert!(Notifier::to_socket("@agentchatd-test").is_ok());
         for bad in ["", "relative/path", "vsock:2:1234"] {
             let err = Notifier::to_socket(bad).expect_err(bad);
-            assert!(
-                matches!(err, NotifyError::UnsupportedAddress { .. }),
-                "{err}"
-            );
+            assert!(matches!(err, NotifyError::UnsupportedAddress { .. }), "{err}");
         }
         let too_long = format!("/{}", "x".repeat(200));
         let err = Notifier::to_socket(&too_long).expect_err("path too long");
@@ -366,10 +338,7 @@ mod tests {
         let notifier = Notifier::to_socket(&path).expect("valid address");
         let err = notifier.ready().expect_err("nobody listens");
         let text = err.to_string();
-        assert!(
-            text.starts_with("cannot send READY=1 to the notify socket"),
-            "{text}"
-        );
+        assert!(text.starts_with("cannot send READY=1 to the notify socket"), "{text}");
         assert!(text.contains("absent.sock"), "{text}");
     }
 

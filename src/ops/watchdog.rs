@@ -68,10 +68,7 @@ pub async fn run(
 /// Logs the start, change or end of a stall.
 fn report_change(before: &[String], now: &[Stall]) {
     let unchanged = before.len() == now.len()
-        && before
-            .iter()
-            .zip(now)
-            .all(|(name, stall)| *name == stall.loop_name);
+        && before.iter().zip(now).all(|(name, stall)| *name == stall.loop_name);
     if unchanged {
         return;
     }

@@ -146,23 +146,14 @@ fn derived_key(prefix: &str, parts: &[&str]) -> String {
 
 /// Builds the queue entry for a send.
 pub fn new_send(client_msg_id: String, request: &SendRequest, origin: String) -> NewSend {
-    let recipient = request
-        .to
-        .as_ref()
-        .map(|to| to.trim_start_matches('@').to_lowercase());
+    let recipient = request.to.as_ref().map(|to| to.trim_start_matches('@').to_lowercase());
     let lane = match (&recipient, &request.conversation_id) {
         (_, Some(conversation)) => conversation.clone(),
         (Some(handle), None) => format!("to:{handle}"),
         (None, None) => String::new(),
     };
     let request_json = serde_json::to_string(request).unwrap_or_else(|_| "{}".to_owned());
-    NewSend {
-        client_msg_id,
-        lane,
-        request_json,
-        origin,
-        recipient,
-    }
+    NewSend { client_msg_id, lane, request_json, origin, recipient }
 }
 
 /// Queues a send by the operator (CLI) for the running daemon to deliver. `operator_id`
@@ -183,10 +174,7 @@ pub async fn queue_operator_send(
         conversation_id: None,
         client_msg_id: key.clone(),
         kind: "text".to_owned(),
-        content: crate::client::Content {
-            text: Some(text.to_owned()),
-            ..Default::default()
-        },
+        content: crate::client::Content { text: Some(text.to_owned()), ..Default::default() },
     };
     let send = new_send(key.clone(), &request, format!("operator:{operator_id}"));
     let fresh = store.enqueue(send, now_ms()).await?;
@@ -195,21 +183,9 @@ pub async fn queue_operator_send(
 
 /// What one attempt came to.
 enum Outcome {
-    Sent {
-        message_id: String,
-        opened: Option<(String, String)>,
-    },
-    Retry {
-        after: Duration,
-        error: String,
-        count_attempt: bool,
-    },
-    Hold {
-        reason: &'static str,
-        until_ms: i64,
-        detail: String,
-        awaiting: Option<(String, i64)>,
-    },
+    Sent { message_id: String, opened: Option<(String, String)> },
+    Retry { after: Duration, error: String, count_attempt: bool },
+    Hold { reason: &'static str, until_ms: i64, detail: String, awaiting: Option<(String, i64)> },
     Dead(String),
     Fatal(ApiError),
     Store(StoreError),
@@ -217,14 +193,8 @@ enum Outcome {
 
 /// Whether a send may go now.
 enum Gate {
-    Go {
-        opens_thread: bool,
-    },
-    Hold {
-        reason: &'static str,
-        until_ms: i64,
-        detail: String,
-    },
+    Go { opens_thread: bool },
+    Hold { reason: &'static str, until_ms: i64, detail: String },
 }
 
 /// The circuit breaker: consecutive transient failures stop all sends for a cooldown.
@@ -245,9 +215,11 @@ pub struct Outbox {
     settings: OutboxSettings,
     stats: Arc<OutboxStats>,
     breaker: Mutex<Breaker>,
-    /// Threads being opened right now, counted against the cold allowance before the ledger
-    /// knows of them.
+    /// Threads being opened right now, counted against the cold allowance until the ledger
+    /// records them.
     opening: AtomicUsize,
+    /// Serialises the cold-allowance check with the claim of a slot.
+    gate_lock: tokio::sync::Mutex<()>,
     /// Consecutive backlog refusals per recipient.
     backlogged: Mutex<HashMap<String, u32>>,
 }
@@ -261,9 +233,8 @@ impl Outbox {
         wake: Arc<Notify>,
         settings: OutboxSettings,
     ) -> Self {
-        let retry_initial = settings
-            .retry_initial
-            .clamp(Duration::from_millis(1), Duration::from_secs(60));
+        let retry_initial =
+            settings.retry_initial.clamp(Duration::from_millis(1), Duration::from_secs(60));
         let backoff =
             Backoff::new(retry_initial, Duration::from_secs(60)).expect("bounds are clamped valid");
         Self {
@@ -276,6 +247,7 @@ impl Outbox {
             stats: Arc::default(),
             breaker: Mutex::default(),
             opening: AtomicUsize::new(0),
+            gate_lock: tokio::sync::Mutex::new(()),
             backlogged: Mutex::default(),
         }
     }
@@ -292,7 +264,7 @@ impl Outbox {
     /// When the store fails or the server refuses the key.
     pub async fn run(self, shutdown: CancellationToken) -> Result<(), OutboxError> {
         let this = Arc::new(self);
-        let mut in_flight: JoinSet<(PendingSend, Outcome)> = JoinSet::new();
+        let mut in_flight: JoinSet<(PendingSend, Outcome, bool)> = JoinSet::new();
         let mut busy_lanes: HashSet<String> = HashSet::new();
         let result = loop {
             if shutdown.is_cancelled() {
@@ -322,13 +294,11 @@ impl Outbox {
     /// Starts every due send whose lane is free; returns how long the loop may sleep.
     async fn start_due(
         self: &Arc<Self>,
-        in_flight: &mut JoinSet<(PendingSend, Outcome)>,
+        in_flight: &mut JoinSet<(PendingSend, Outcome, bool)>,
         busy_lanes: &mut HashSet<String>,
     ) -> Result<Duration, OutboxError> {
         if let Some(until) = self.breaker_open_until() {
-            return Ok(until
-                .saturating_duration_since(Instant::now())
-                .min(IDLE_RECHECK));
+            return Ok(until.saturating_duration_since(Instant::now()).min(IDLE_RECHECK));
         }
         let room = MAX_IN_FLIGHT.saturating_sub(in_flight.len());
         if room > 0 {
@@ -339,8 +309,8 @@ impl Outbox {
                 }
                 let this = Arc::clone(self);
                 in_flight.spawn(async move {
-                    let outcome = this.attempt(&send).await;
-                    (send, outcome)
+                    let (outcome, opening) = this.attempt(&send).await;
+                    (send, outcome, opening)
                 });
             }
         }
@@ -392,66 +362,62 @@ impl Outbox {
 
     async fn finish(
         &self,
-        done: Result<(PendingSend, Outcome), tokio::task::JoinError>,
+        done: Result<(PendingSend, Outcome, bool), tokio::task::JoinError>,
         busy_lanes: &mut HashSet<String>,
     ) -> Result<(), OutboxError> {
-        let (send, outcome) = match done {
+        let (send, outcome, opening) = match done {
             Ok(done) => done,
-            // A panicked send task recorded nothing; the row stays pending and is retried.
+            // A panicked send task recorded nothing; the row stays pending and is retried. Its
+            // lane stays marked busy, which holds that one lane until the daemon restarts.
             Err(err) => {
                 tracing::error!(error = %err, "send task failed");
                 return Ok(());
             }
         };
         busy_lanes.remove(&send.lane);
+        if !opening {
+            return self.record(send, outcome).await;
+        }
+        // The thread enters the ledger and leaves `opening` in one step under the gate's lock,
+        // so no check counts it twice (or not at all) in between.
+        let _guard = self.gate_lock.lock().await;
+        let result = self.record(send, outcome).await;
+        self.opening.fetch_sub(1, Ordering::SeqCst);
+        result
+    }
+
+    async fn record(&self, send: PendingSend, outcome: Outcome) -> Result<(), OutboxError> {
         let now = now_ms();
         let client_msg_id = &send.client_msg_id;
         match outcome {
             Outcome::Sent { message_id, opened } => {
                 tracing::debug!(%client_msg_id, %message_id, "sent");
                 if let Some((handle, conversation)) = opened {
-                    tracing::info!(peer = %handle, "opened a new thread; it takes one message until answered");
-                    self.store
-                        .note_thread_opened(&handle, Some(conversation), now)
-                        .await?;
+                    tracing::info!(peer = %handle, "opened a thread; one message until answered");
+                    self.store.note_thread_opened(&handle, Some(conversation), now).await?;
                 }
                 self.store.mark_sent(send.id, message_id, now).await?;
             }
-            Outcome::Retry {
-                after,
-                error,
-                count_attempt,
-            } => {
+            Outcome::Retry { after, error, count_attempt } => {
                 let attempts = send.attempts + u32::from(count_attempt);
                 if attempts >= self.settings.max_attempts {
-                    tracing::error!(%client_msg_id, attempts, %error, "send dead-lettered after repeated failures");
+                    tracing::error!(%client_msg_id, attempts, %error, "send dead-lettered");
                     OutboxStats::bump(&self.stats.dead_lettered);
                     self.store.mark_dead(send.id, error, now).await?;
                 } else {
                     let retry_in_ms = after.as_millis();
                     tracing::warn!(%client_msg_id, retry_in_ms, %error, "send will be retried");
                     let next = now.saturating_add(i64::try_from(retry_in_ms).unwrap_or(i64::MAX));
-                    self.store
-                        .mark_retry(send.id, next, error, count_attempt, now)
-                        .await?;
+                    self.store.mark_retry(send.id, next, error, count_attempt, now).await?;
                 }
             }
-            Outcome::Hold {
-                reason,
-                until_ms,
-                detail,
-                awaiting,
-            } => {
+            Outcome::Hold { reason, until_ms, detail, awaiting } => {
                 OutboxStats::bump(&self.stats.held);
                 tracing::info!(%client_msg_id, hold = reason, %detail, "send held");
                 if let Some((handle, opened_ms)) = awaiting {
-                    self.store
-                        .note_thread_opened(&handle, None, opened_ms)
-                        .await?;
+                    self.store.note_thread_opened(&handle, None, opened_ms).await?;
                 }
-                self.store
-                    .hold_send(send.id, reason, until_ms, detail, now)
-                    .await?;
+                self.store.hold_send(send.id, reason, until_ms, detail, now).await?;
             }
             Outcome::Dead(error) => {
                 tracing::error!(%client_msg_id, %error, "send refused; dead-lettered");
@@ -465,58 +431,51 @@ impl Outbox {
         Ok(())
     }
 
-    async fn attempt(&self, send: &PendingSend) -> Outcome {
+    /// One attempt; the flag says whether it counted itself in `opening`.
+    async fn attempt(&self, send: &PendingSend) -> (Outcome, bool) {
         let request: SendRequest = match serde_json::from_str(&send.request_json) {
             Ok(request) => request,
-            Err(err) => return Outcome::Dead(format!("queued request is not valid: {err}")),
-        };
-        let opens_thread = match self.gate(send).await {
-            Ok(Gate::Go { opens_thread }) => opens_thread,
-            Ok(Gate::Hold {
-                reason,
-                until_ms,
-                detail,
-            }) => {
-                return Outcome::Hold {
-                    reason,
-                    until_ms,
-                    detail,
-                    awaiting: None,
-                };
+            Err(err) => {
+                return (Outcome::Dead(format!("queued request is not valid: {err}")), false);
             }
-            Err(err) => return Outcome::Store(err),
         };
-        if opens_thread {
-            self.opening.fetch_add(1, Ordering::SeqCst);
-        }
-        let priority = if send.origin.starts_with("reply:") {
-            Priority::High
-        } else {
-            Priority::Normal
+        let opens_thread = {
+            // Checking the allowance and claiming a slot must be one step, or two sends could
+            // both take the last free slot.
+            let _guard = self.gate_lock.lock().await;
+            match self.gate(send).await {
+                Ok(Gate::Go { opens_thread }) => {
+                    if opens_thread {
+                        self.opening.fetch_add(1, Ordering::SeqCst);
+                    }
+                    opens_thread
+                }
+                Ok(Gate::Hold { reason, until_ms, detail }) => {
+                    return (Outcome::Hold { reason, until_ms, detail, awaiting: None }, false);
+                }
+                Err(err) => return (Outcome::Store(err), false),
+            }
         };
+        (self.send(send, &request, opens_thread).await, opens_thread)
+    }
+
+    async fn send(&self, send: &PendingSend, request: &SendRequest, opens_thread: bool) -> Outcome {
+        let priority =
+            if send.origin.starts_with("reply:") { Priority::High } else { Priority::Normal };
         self.limiter.acquire(priority).await;
-        let result = self.client.send_message(&request).await;
-        if opens_thread {
-            self.opening.fetch_sub(1, Ordering::SeqCst);
-        }
-        match result {
+        match self.client.send_message(request).await {
             Ok(outcome) => {
                 self.breaker_record(false);
                 if let Some(handle) = &send.recipient {
-                    self.backlogged
-                        .lock()
-                        .unwrap_or_else(|p| p.into_inner())
-                        .remove(handle);
+                    self.backlogged.lock().unwrap_or_else(|p| p.into_inner()).remove(handle);
                 }
                 if let Some((handle, count)) = &outcome.backlog_warning {
                     OutboxStats::bump(&self.stats.backlog_warnings);
-                    tracing::warn!(recipient = %handle, undelivered = *count, "recipient backlog is high");
+                    let undelivered = *count;
+                    tracing::warn!(recipient = %handle, undelivered, "recipient backlog is high");
                 }
-                let counter = if outcome.replayed {
-                    &self.stats.replayed
-                } else {
-                    &self.stats.sent
-                };
+                let counter =
+                    if outcome.replayed { &self.stats.replayed } else { &self.stats.sent };
                 OutboxStats::bump(counter);
                 let opened = match (&send.recipient, opens_thread) {
                     (Some(handle), true) => {
@@ -524,10 +483,7 @@ impl Outbox {
                     }
                     _ => None,
                 };
-                Outcome::Sent {
-                    message_id: outcome.message.id,
-                    opened,
-                }
+                Outcome::Sent { message_id: outcome.message.id, opened }
             }
             Err(err) => self.classify(send, err, opens_thread),
         }
@@ -536,14 +492,10 @@ impl Outbox {
     /// Checks the thread ledger: whether this send may go now, and whether it opens a thread.
     async fn gate(&self, send: &PendingSend) -> Result<Gate, StoreError> {
         let Some(handle) = &send.recipient else {
-            return Ok(Gate::Go {
-                opens_thread: false,
-            });
+            return Ok(Gate::Go { opens_thread: false });
         };
         match self.store.peer_state(handle).await? {
-            Some(PeerState::Established) => Ok(Gate::Go {
-                opens_thread: false,
-            }),
+            Some(PeerState::Established) => Ok(Gate::Go { opens_thread: false }),
             Some(PeerState::Awaiting { .. }) => Ok(Gate::Hold {
                 reason: hold::AWAITING_REPLY,
                 until_ms: HELD_FOREVER_MS,
@@ -553,14 +505,16 @@ impl Outbox {
                 let now = now_ms();
                 let window_ms = i64::try_from(COLD_WINDOW.as_millis()).unwrap_or(i64::MAX);
                 let open = self.store.awaiting_threads(now - window_ms).await?;
-                let used = open.len() + self.opening.load(Ordering::SeqCst);
+                let in_flight = self.opening.load(Ordering::SeqCst);
+                let used = open.len() + in_flight;
                 let cap = usize::try_from(self.settings.cold_threads_per_day).unwrap_or(usize::MAX);
                 if used < cap {
                     return Ok(Gate::Go { opens_thread: true });
                 }
-                let until_ms = open
-                    .first()
-                    .map_or(now + 60_000, |t| t.opened_ms + window_ms);
+                // A slot frees when the oldest thread leaves the window, or sooner if a thread
+                // being opened right now is refused after all.
+                let frees_ms = open.first().map_or(now + 60_000, |t| t.opened_ms + window_ms);
+                let until_ms = if in_flight > 0 { frees_ms.min(now + 5_000) } else { frees_ms };
                 Ok(Gate::Hold {
                     reason: hold::COLD_CAP,
                     until_ms,
@@ -622,14 +576,9 @@ impl Outbox {
                 }
             }
             (_, Disposition::Throttled) => {
-                let after = err
-                    .retry_after()
-                    .unwrap_or_else(|| self.backoff.delay(send.attempts + 1));
-                Outcome::Retry {
-                    after,
-                    error: err.to_string(),
-                    count_attempt: false,
-                }
+                let after =
+                    err.retry_after().unwrap_or_else(|| self.backoff.delay(send.attempts + 1));
+                Outcome::Retry { after, error: err.to_string(), count_attempt: false }
             }
             (_, Disposition::Transient) => {
                 self.breaker_record(true);
@@ -650,9 +599,7 @@ fn awaiting_since(err: &ApiError) -> Option<i64> {
         return None;
     };
     let since = reply.details.as_ref()?.get("waiting_since")?.as_str()?;
-    chrono::DateTime::parse_from_rfc3339(since)
-        .ok()
-        .map(|t| t.timestamp_millis())
+    chrono::DateTime::parse_from_rfc3339(since).ok().map(|t| t.timestamp_millis())
 }
 
 /// Milliseconds since the Unix epoch; the queue's clock.
@@ -662,10 +609,8 @@ pub fn now_ms() -> i64 {
 
 /// Renders a queue time for people.
 pub fn format_ms(ms: i64) -> String {
-    chrono::DateTime::from_timestamp_millis(ms).map_or_else(
-        || ms.to_string(),
-        |t| t.format("%Y-%m-%d %H:%M:%S UTC").to_string(),
-    )
+    chrono::DateTime::from_timestamp_millis(ms)
+        .map_or_else(|| ms.to_string(), |t| t.format("%Y-%m-%d %H:%M:%S UTC").to_string())
 }
 
 #[cfg(test)]
@@ -678,12 +623,108 @@ mod tests {
         assert_eq!(a, reply_key("msg_1", "echo", 0));
         assert_ne!(a, reply_key("msg_1", "echo", 1));
         assert_ne!(a, reply_key("msg_1", "rules", 0));
-        assert_ne!(
-            reply_key("msg_1", "echo1", 0),
-            reply_key("msg_1e", "cho1", 0)
-        );
+        assert_ne!(reply_key("msg_1", "echo1", 0), reply_key("msg_1e", "cho1", 0));
         assert!(a.len() <= 128 && a.starts_with("acd-"));
         assert_ne!(operator_key("x"), reply_key("x", "operator", 0));
+    }
+
+    fn outbox(dir: &std::path::Path, threshold: u32) -> Outbox {
+        let store = Store::open(dir).expect("store");
+        // Never contacted: these tests drive the decision logic only.
+        let client =
+            Client::new("http://127.0.0.1:9", crate::config::ApiKey::new("ac_x")).expect("client");
+        let limiter = Arc::new(RateLimiter::new(60, Duration::from_secs(1)));
+        let settings = OutboxSettings { breaker_threshold: threshold, ..OutboxSettings::default() };
+        Outbox::new(store, client, limiter, Arc::new(Notify::new()), settings)
+    }
+
+    fn api_error(status: u16, code: ErrorCode, retry_after: Option<Duration>) -> ApiError {
+        let reply = crate::client::ErrorReply {
+            status,
+            code,
+            message: "m".into(),
+            details: None,
+            retry_after,
+        };
+        ApiError::Status { method: "POST", path: "/v1/messages".into(), reply: Box::new(reply) }
+    }
+
+    fn pending(attempts: u32) -> PendingSend {
+        PendingSend {
+            id: 1,
+            client_msg_id: "k".into(),
+            lane: "to:bob".into(),
+            request_json: "{}".into(),
+            origin: "operator:x".into(),
+            recipient: Some("bob".into()),
+            attempts,
+        }
+    }
+
+    #[tokio::test]
+    async fn the_breaker_opens_after_consecutive_outages_and_closes_on_success() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let outbox = outbox(dir.path(), 3);
+        let outage = || api_error(503, ErrorCode::InternalError, None);
+        for _ in 0..2 {
+            let _ = outbox.classify(&pending(0), outage(), false);
+        }
+        assert!(outbox.breaker_open_until().is_none(), "two failures keep it closed");
+        let _ = outbox.classify(&pending(0), outage(), false);
+        assert!(outbox.breaker_open_until().is_some(), "the third opens it");
+        assert_eq!(outbox.stats.breaker_trips.load(Ordering::Relaxed), 1);
+        outbox.breaker_record(false);
+        assert!(outbox.breaker_open_until().is_none(), "a success closes it");
+    }
+
+    #[tokio::test]
+    async fn limit_answers_never_count_as_outages() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let outbox = outbox(dir.path(), 1);
+        let limited = api_error(429, ErrorCode::RateLimited, Some(Duration::from_secs(3600)));
+        match outbox.classify(&pending(4), limited, false) {
+            Outcome::Retry { after, count_attempt: false, .. } => {
+                assert_eq!(after, Duration::from_secs(3600), "Retry-After is not clamped");
+            }
+            _ => panic!("a 429 with Retry-After is retried after it"),
+        }
+        let backlog = api_error(429, ErrorCode::RecipientBacklogged, None);
+        assert!(matches!(
+            outbox.classify(&pending(0), backlog, false),
+            Outcome::Hold { reason: hold::BACKLOG, .. }
+        ));
+        assert!(outbox.breaker_open_until().is_none(), "limits did not open the breaker");
+        assert_eq!(outbox.stats.rate_limited.load(Ordering::Relaxed), 2);
+    }
+
+    #[tokio::test]
+    async fn refusals_are_classified_as_holds_or_dead_letters() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let outbox = outbox(dir.path(), 5);
+        let cold_cap = api_error(429, ErrorCode::RateLimited, None);
+        assert!(matches!(
+            outbox.classify(&pending(0), cold_cap, true),
+            Outcome::Hold { reason: hold::COLD_CAP, .. }
+        ));
+        let awaiting = api_error(403, ErrorCode::AwaitingReply, None);
+        match outbox.classify(&pending(0), awaiting, false) {
+            Outcome::Hold { reason: hold::AWAITING_REPLY, awaiting: Some((handle, _)), .. } => {
+                assert_eq!(handle, "bob");
+            }
+            _ => panic!("AWAITING_REPLY holds the send and records the thread"),
+        }
+        for (status, code) in [
+            (400, ErrorCode::ValidationError),
+            (403, ErrorCode::Blocked),
+            (404, ErrorCode::AgentNotFound),
+            (410, ErrorCode::GroupDeleted),
+            (413, ErrorCode::ContentTooLarge),
+        ] {
+            let err = api_error(status, code, None);
+            assert!(matches!(outbox.classify(&pending(0), err, false), Outcome::Dead(_)));
+        }
+        let unauthorized = api_error(401, ErrorCode::Unauthorized, None);
+        assert!(matches!(outbox.classify(&pending(0), unauthorized, false), Outcome::Fatal(_)));
     }
 
     #[test]

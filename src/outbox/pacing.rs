@@ -44,12 +44,7 @@ impl RateLimiter {
     /// since a limiter that allows nothing would hang its callers.
     pub fn new(limit: u32, window: Duration) -> Self {
         let limit = usize::try_from(limit.max(1)).unwrap_or(usize::MAX);
-        Self {
-            limit,
-            window,
-            state: Mutex::new(Window::default()),
-            changed: Notify::new(),
-        }
+        Self { limit, window, state: Mutex::new(Window::default()), changed: Notify::new() }
     }
 
     /// The platform's allowance (`per_second` per second) with `margin` of slack per window.
@@ -70,11 +65,7 @@ impl RateLimiter {
             let wake_at = {
                 let mut state = self.state.lock().await;
                 let now = Instant::now();
-                while state
-                    .grants
-                    .front()
-                    .is_some_and(|t| now.duration_since(*t) >= self.window)
-                {
+                while state.grants.front().is_some_and(|t| now.duration_since(*t) >= self.window) {
                     state.grants.pop_front();
                 }
                 let yielding = priority == Priority::Normal && state.high_waiting > 0;
@@ -177,13 +168,9 @@ mod tests {
         assert_eq!(grants[59], Duration::ZERO);
         assert_eq!(grants[60], Duration::from_millis(1040));
         for (i, at) in grants.iter().enumerate() {
-            let in_window = grants[i..]
-                .iter()
-                .take_while(|t| **t < *at + Duration::from_millis(1040));
-            assert!(
-                in_window.count() <= 60,
-                "more than 60 grants in the window from {at:?}"
-            );
+            let in_window =
+                grants[i..].iter().take_while(|t| **t < *at + Duration::from_millis(1040));
+            assert!(in_window.count() <= 60, "more than 60 grants in the window from {at:?}");
         }
         let rate = 300.0 / grants[299].as_secs_f64();
         assert!(rate > 57.0, "sustained rate {rate}");

@@ -54,11 +54,7 @@ pub(crate) fn from_wit_decision(decision: wit::InboundDecision) -> Decision {
 fn from_wit_drafts(drafts: Vec<wit::Draft>) -> Vec<Draft> {
     drafts
         .into_iter()
-        .map(|d| Draft {
-            conversation_id: d.conversation_id,
-            text: d.text,
-            data_json: d.data_json,
-        })
+        .map(|d| Draft { conversation_id: d.conversation_id, text: d.text, data_json: d.data_json })
         .collect()
 }
 

@@ -84,10 +84,7 @@ pub(crate) async fn run(
     let outcome = {
         let call = async {
             let plugin = target.pre.instantiate_async(&mut store).await?;
-            plugin
-                .agentchat_plugin_inbound()
-                .call_on_message(&mut store, msg)
-                .await
+            plugin.agentchat_plugin_inbound().call_on_message(&mut store, msg).await
         };
         tokio::time::timeout(target.timeout + BACKSTOP_GRACE, call).await
     };
@@ -95,13 +92,11 @@ pub(crate) async fn run(
     store.data().report_dropped_logs();
 
     match outcome {
-        Err(_elapsed) => Err(CallError::Timeout {
-            budget: target.timeout,
-        }),
+        Err(_elapsed) => Err(CallError::Timeout { budget: target.timeout }),
         Ok(Err(err)) => Err(classify(&err, &store.data().limiter, target.timeout)),
-        Ok(Ok(Err(plugin_err))) => Err(CallError::PluginError(bindings::describe_plugin_error(
-            &plugin_err,
-        ))),
+        Ok(Ok(Err(plugin_err))) => {
+            Err(CallError::PluginError(bindings::describe_plugin_error(&plugin_err)))
+        }
         Ok(Ok(Ok(decision))) => validate::check_decision(bindings::from_wit_decision(decision)),
     }
 }
@@ -129,23 +124,15 @@ impl CallState {
 
         // No preopens, environment, arguments or network: the builder's defaults deny them,
         // and only the output streams are replaced so they end up in the log.
-        let wasi = WasiCtxBuilder::new()
-            .stdout(stdout.clone())
-            .stderr(stderr.clone())
-            .build();
-        let limits = StoreLimitsBuilder::new()
-            .memory_size(target.memory_limit_bytes)
-            .build();
+        let wasi = WasiCtxBuilder::new().stdout(stdout.clone()).stderr(stderr.clone()).build();
+        let limits = StoreLimitsBuilder::new().memory_size(target.memory_limit_bytes).build();
 
         CallState {
             plugin_id: target.id.clone(),
             config: target.config.clone(),
             wasi,
             table: ResourceTable::new(),
-            limiter: CallLimiter {
-                limits,
-                memory_refused: false,
-            },
+            limiter: CallLimiter { limits, memory_refused: false },
             log_lines: 0,
             log_dropped: 0,
             stdout,
@@ -187,10 +174,7 @@ impl CallState {
 
 impl WasiView for CallState {
     fn ctx(&mut self) -> WasiCtxView<'_> {
-        WasiCtxView {
-            ctx: &mut self.wasi,
-            table: &mut self.table,
-        }
+        WasiCtxView { ctx: &mut self.wasi, table: &mut self.table }
     }
 }
 

@@ -39,16 +39,12 @@ pub(crate) fn build_engine(settings: &EngineSettings) -> Result<Engine, PluginEr
     if let Some(dir) = &settings.cache_dir {
         let mut cache_config = CacheConfig::new();
         cache_config.with_directory(dir);
-        let cache = Cache::new(cache_config).map_err(|err| PluginError::Cache {
-            path: dir.clone(),
-            reason: format!("{err:#}"),
-        })?;
+        let cache = Cache::new(cache_config)
+            .map_err(|err| PluginError::Cache { path: dir.clone(), reason: format!("{err:#}") })?;
         config.cache(Some(cache));
     }
 
-    Engine::new(&config).map_err(|err| PluginError::Engine {
-        reason: format!("{err:#}"),
-    })
+    Engine::new(&config).map_err(|err| PluginError::Engine { reason: format!("{err:#}") })
 }
 
 /// Sizes the pooling allocator. A Rust guest built for wasm32-wasip2 is one component made of
@@ -69,10 +65,7 @@ fn pooling(settings: &EngineSettings) -> wasmtime::PoolingAllocationConfig {
 /// Creates the cache directory readable by its owner only (the host deserializes what it finds
 /// there, so nobody else may write into it) and returns its absolute path.
 pub(crate) fn prepare_cache_dir(dir: &Path) -> Result<PathBuf, PluginError> {
-    let fail = |reason: String| PluginError::Cache {
-        path: dir.to_path_buf(),
-        reason,
-    };
+    let fail = |reason: String| PluginError::Cache { path: dir.to_path_buf(), reason };
 
     std::fs::create_dir_all(dir).map_err(|err| fail(format!("cannot create it: {err}")))?;
     restrict_to_owner(dir).map_err(|err| fail(format!("cannot set mode 0700: {err}")))?;
@@ -96,9 +89,7 @@ fn restrict_to_owner(_dir: &Path) -> std::io::Result<()> {
 pub(crate) fn deadline_ticks(budget: Duration) -> u64 {
     let tick = EPOCH_TICK.as_nanos();
     let whole = budget.as_nanos().div_ceil(tick).max(1);
-    u64::try_from(whole)
-        .unwrap_or(u64::MAX - 1)
-        .saturating_add(1)
+    u64::try_from(whole).unwrap_or(u64::MAX - 1).saturating_add(1)
 }
 
 /// Advances the engine's epoch every [`EPOCH_TICK`] on a plain thread (a tokio timer would

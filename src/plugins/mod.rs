@@ -218,10 +218,7 @@ impl PluginHost {
             .iter()
             .map(|spec| spec.memory_limit_bytes)
             .fold(MIN_MEMORY_LIMIT_BYTES, usize::max);
-        let engine = engine::build_engine(&EngineSettings {
-            max_memory_bytes,
-            cache_dir,
-        })?;
+        let engine = engine::build_engine(&EngineSettings { max_memory_bytes, cache_dir })?;
         let linker = build_linker(&engine)?;
 
         let mut plugins = Vec::with_capacity(specs.len());
@@ -231,11 +228,7 @@ impl PluginHost {
 
         let ticker = EpochTicker::start(&engine)?;
         let slots = usize::try_from(MAX_CONCURRENT_CALLS).unwrap_or(1);
-        Ok(PluginHost {
-            plugins,
-            call_slots: Arc::new(Semaphore::new(slots)),
-            _ticker: ticker,
-        })
+        Ok(PluginHost { plugins, call_slots: Arc::new(Semaphore::new(slots)), _ticker: ticker })
     }
 
     /// Runs the plugins in order on `msg` and returns one verdict per plugin called. Stops
@@ -247,10 +240,7 @@ impl PluginHost {
         for plugin in &self.plugins {
             let result = self.call(plugin, &wit_msg, &msg.id).await;
             let stop = matches!(result, Ok(Decision::Claim(_) | Decision::Drop));
-            verdicts.push(Verdict {
-                plugin_id: plugin.id.to_string(),
-                result,
-            });
+            verdicts.push(Verdict { plugin_id: plugin.id.to_string(), result });
             if stop {
                 break;
             }
@@ -260,10 +250,7 @@ impl PluginHost {
 
     /// Ids of the loaded plugins, in call order.
     pub fn plugin_ids(&self) -> Vec<String> {
-        self.plugins
-            .iter()
-            .map(|plugin| plugin.id.to_string())
-            .collect()
+        self.plugins.iter().map(|plugin| plugin.id.to_string()).collect()
     }
 
     /// One call on its own task: a panic in wasmtime or in our import code then surfaces as a
@@ -318,26 +305,17 @@ fn decision_name(decision: &Decision) -> &'static str {
 
 /// Rejects specs the host cannot run, before anything is compiled.
 fn check_spec(spec: &PluginSpec, earlier: &[PluginSpec]) -> Result<(), PluginError> {
-    let fail = |reason: String| PluginError::Spec {
-        id: spec.id.clone(),
-        path: spec.path.clone(),
-        reason,
-    };
+    let fail =
+        |reason: String| PluginError::Spec { id: spec.id.clone(), path: spec.path.clone(), reason };
 
     if spec.id.trim().is_empty() {
-        return Err(fail(
-            "the id is empty; give every plugin a unique id".to_string(),
-        ));
+        return Err(fail("the id is empty; give every plugin a unique id".to_string()));
     }
     if earlier.iter().any(|other| other.id == spec.id) {
-        return Err(fail(
-            "the id is used by another plugin; ids must be unique".to_string(),
-        ));
+        return Err(fail("the id is used by another plugin; ids must be unique".to_string()));
     }
     if spec.timeout.is_zero() {
-        return Err(fail(
-            "the timeout is zero; give each call some time".to_string(),
-        ));
+        return Err(fail("the timeout is zero; give each call some time".to_string()));
     }
     if spec.memory_limit_bytes < MIN_MEMORY_LIMIT_BYTES {
         return Err(fail(format!(
@@ -356,11 +334,7 @@ fn parse_config(spec: &PluginSpec) -> Result<PluginConfig, PluginError> {
         reason,
     };
 
-    let text = if spec.config_json.trim().is_empty() {
-        "{}"
-    } else {
-        &spec.config_json
-    };
+    let text = if spec.config_json.trim().is_empty() { "{}" } else { &spec.config_json };
     match serde_json::from_str::<serde_json::Value>(text) {
         Ok(serde_json::Value::Object(values)) => {
             let json = serde_json::Value::Object(values.clone()).to_string();
@@ -392,13 +366,11 @@ async fn load_one(
     config: Arc<PluginConfig>,
 ) -> Result<CallTarget, PluginError> {
     let started = Instant::now();
-    let bytes = tokio::fs::read(&spec.path)
-        .await
-        .map_err(|source| PluginError::Read {
-            id: spec.id.clone(),
-            path: spec.path.clone(),
-            source,
-        })?;
+    let bytes = tokio::fs::read(&spec.path).await.map_err(|source| PluginError::Read {
+        id: spec.id.clone(),
+        path: spec.path.clone(),
+        source,
+    })?;
 
     // Compiling takes tens of milliseconds of CPU, so it stays off the async threads.
     let compile_engine = engine.clone();
@@ -430,9 +402,5 @@ async fn load_one(
 }
 
 fn compile_error(spec: &PluginSpec, reason: String) -> PluginError {
-    PluginError::Compile {
-        id: spec.id.clone(),
-        path: spec.path.clone(),
-        reason,
-    }
+    PluginError::Compile { id: spec.id.clone(), path: spec.path.clone(), reason }
 }

@@ -40,14 +40,8 @@ fn text_and_object_drafts_are_accepted() {
 
 #[test]
 fn empty_draft_is_refused_naming_both_fields() {
-    let why = bad_output(check_reply(vec![
-        draft(Some("ok"), None),
-        draft(None, None),
-    ]));
-    assert!(
-        why.contains("draft 1") && why.contains("text") && why.contains("data-json"),
-        "{why}"
-    );
+    let why = bad_output(check_reply(vec![draft(Some("ok"), None), draft(None, None)]));
+    assert!(why.contains("draft 1") && why.contains("text") && why.contains("data-json"), "{why}");
 }
 
 #[test]
@@ -63,10 +57,7 @@ fn text_limit_is_inclusive() {
 #[test]
 fn data_json_must_be_an_object() {
     for data in ["[1]", "\"text\"", "{not json"] {
-        let why = bad_output(check_decision(Decision::Claim(vec![draft(
-            None,
-            Some(data),
-        )])));
+        let why = bad_output(check_decision(Decision::Claim(vec![draft(None, Some(data))])));
         assert!(why.contains("data-json"), "{why}");
     }
 }
@@ -86,36 +77,22 @@ fn pass_and_drop_need_no_checks() {
 #[test]
 fn config_must_be_an_object_and_empty_means_empty_object() {
     let mut spec = PluginSpec::new("p", "/nowhere/p.wasm");
-    assert_eq!(
-        parse_config(&spec).map(|c| c.json).ok().as_deref(),
-        Some("{}")
-    );
+    assert_eq!(parse_config(&spec).map(|c| c.json).ok().as_deref(), Some("{}"));
 
     spec.config_json = r#"{"greeting": "hello", "n": 3}"#.to_string();
     let config = parse_config(&spec).expect("object config parses");
     assert_eq!(config.values.len(), 2);
 
     spec.config_json = "[1, 2]".to_string();
-    let err = parse_config(&spec)
-        .expect_err("array config is refused")
-        .to_string();
-    assert!(
-        err.contains("`p`") && err.contains("/nowhere/p.wasm"),
-        "{err}"
-    );
+    let err = parse_config(&spec).expect_err("array config is refused").to_string();
+    assert!(err.contains("`p`") && err.contains("/nowhere/p.wasm"), "{err}");
 }
 
 #[test]
 fn duplicate_ids_and_zero_limits_are_refused() {
     let first = PluginSpec::new("a", "/a.wasm");
     assert!(check_spec(&first, &[]).is_ok());
-    assert!(
-        check_spec(
-            &PluginSpec::new("a", "/b.wasm"),
-            std::slice::from_ref(&first)
-        )
-        .is_err()
-    );
+    assert!(check_spec(&PluginSpec::new("a", "/b.wasm"), std::slice::from_ref(&first)).is_err());
 
     let mut zero_time = PluginSpec::new("b", "/b.wasm");
     zero_time.timeout = Duration::ZERO;
@@ -130,9 +107,6 @@ fn duplicate_ids_and_zero_limits_are_refused() {
 fn deadline_covers_the_whole_budget() {
     assert_eq!(deadline_ticks(EPOCH_TICK * 10), 11);
     assert_eq!(deadline_ticks(Duration::from_millis(1)), 2);
-    assert_eq!(
-        deadline_ticks(EPOCH_TICK * 10 + Duration::from_millis(1)),
-        12
-    );
+    assert_eq!(deadline_ticks(EPOCH_TICK * 10 + Duration::from_millis(1)), 12);
     assert!(deadline_ticks(Duration::MAX) > 1);
 }

@@ -39,13 +39,10 @@ fn check_draft(draft: &Draft) -> Result<(), String> {
     if draft.conversation_id.as_deref() == Some("") {
         return Err("conversation-id is empty; use none to answer in the same conversation".into());
     }
-    if let Some(text) = &draft.text {
-        if text.len() > MAX_TEXT_BYTES {
-            return Err(format!(
-                "text is {} bytes; the limit is {MAX_TEXT_BYTES}",
-                text.len()
-            ));
-        }
+    if let Some(text) = &draft.text
+        && text.len() > MAX_TEXT_BYTES
+    {
+        return Err(format!("text is {} bytes; the limit is {MAX_TEXT_BYTES}", text.len()));
     }
     if let Some(data) = &draft.data_json {
         match serde_json::from_str::<serde_json::Value>(data) {

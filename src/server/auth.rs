@@ -250,11 +250,7 @@ impl FromRequestParts<Arc<AppState>> for Caller {
             .ok_or_else(ApiError::unauthorized)?;
         let agent = agent_for_key(state, key)?.ok_or_else(ApiError::unauthorized)?;
         if agent.status == "suspended" && parts.uri.path() != "/v1/agents/me" {
-            return Err(ApiError::new(
-                StatusCode::FORBIDDEN,
-                "SUSPENDED",
-                "Agent is suspended",
-            ));
+            return Err(ApiError::new(StatusCode::FORBIDDEN, "SUSPENDED", "Agent is suspended"));
         }
         Ok(Caller(agent))
     }
@@ -271,10 +267,7 @@ fn optional_text(
         None | Some(Value::Null) => None,
         Some(Value::String(s)) if s.chars().count() <= max_chars => Some(s.clone()),
         Some(Value::String(_)) => {
-            errors.field(
-                field,
-                &format!("String must contain at most {max_chars} character(s)"),
-            );
+            errors.field(field, &format!("String must contain at most {max_chars} character(s)"));
             None
         }
         Some(_) => {
@@ -364,19 +357,11 @@ pub async fn register(
 }
 
 fn handle_taken() -> ApiError {
-    ApiError::new(
-        StatusCode::CONFLICT,
-        "HANDLE_TAKEN",
-        "Handle is already taken",
-    )
+    ApiError::new(StatusCode::CONFLICT, "HANDLE_TAKEN", "Handle is already taken")
 }
 
 fn expired() -> ApiError {
-    ApiError::new(
-        StatusCode::BAD_REQUEST,
-        "EXPIRED",
-        "Verification expired or unknown",
-    )
+    ApiError::new(StatusCode::BAD_REQUEST, "EXPIRED", "Verification expired or unknown")
 }
 
 /// `POST /v1/register/verify`: checks the dev code and creates the agent with its key.
@@ -421,11 +406,7 @@ pub async fn verify(
         }
         if code != state.verification_code {
             db::bump_pending_attempts(&conn, &pending_id)?;
-            return Err(ApiError::new(
-                StatusCode::BAD_REQUEST,
-                "INVALID_CODE",
-                "Invalid code",
-            ));
+            return Err(ApiError::new(StatusCode::BAD_REQUEST, "INVALID_CODE", "Invalid code"));
         }
         db::delete_pending(&conn, &pending_id)?;
         pending
@@ -486,18 +467,10 @@ mod tests {
 
     #[test]
     fn handle_rules_follow_the_wire_regex() {
-        for ok in [
-            "abc",
-            "a1b2",
-            "ab-cd",
-            "a-b-c",
-            "x23456789012345678901234567890",
-        ] {
+        for ok in ["abc", "a1b2", "ab-cd", "a-b-c", "x23456789012345678901234567890"] {
             assert!(handle_format_ok(ok), "{ok} should pass");
         }
-        for bad in [
-            "ab", "Abc", "1abc", "ab-", "a--b", "ab_c", "a.bc", "-ab", "",
-        ] {
+        for bad in ["ab", "Abc", "1abc", "ab-", "a--b", "ab_c", "a.bc", "-ab", ""] {
             assert!(!handle_format_ok(bad), "{bad} should fail");
         }
         assert!(!handle_registrable("admin"));

@@ -103,17 +103,13 @@ impl Db {
         conn.execute_batch("PRAGMA foreign_keys = ON; PRAGMA synchronous = NORMAL;")?;
         conn.execute_batch(SCHEMA)?;
         conn.pragma_update(None, "user_version", SCHEMA_VERSION)?;
-        Ok(Db {
-            conn: Mutex::new(conn),
-        })
+        Ok(Db { conn: Mutex::new(conn) })
     }
 
     /// Locks the connection. A poisoned lock only means another request panicked mid-query;
     /// SQLite rolled its transaction back, so the connection is still usable.
     pub fn lock(&self) -> MutexGuard<'_, Connection> {
-        self.conn
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.conn.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 }
 
@@ -292,8 +288,7 @@ pub fn conversation_between(
     let sql = format!(
         "SELECT {CONVERSATION_COLUMNS} FROM conversations WHERE agent_lo = ?1 AND agent_hi = ?2"
     );
-    conn.query_row(&sql, [lo, hi], conversation_from_row)
-        .optional()
+    conn.query_row(&sql, [lo, hi], conversation_from_row).optional()
 }
 
 /// A conversation by id.
@@ -332,14 +327,8 @@ pub fn establish_conversation(
     conv: &ConversationRow,
     now: &str,
 ) -> rusqlite::Result<()> {
-    conn.execute(
-        "UPDATE conversations SET established = 1 WHERE id = ?1",
-        [&conv.id],
-    )?;
-    for (owner, contact) in [
-        (&conv.agent_lo, &conv.agent_hi),
-        (&conv.agent_hi, &conv.agent_lo),
-    ] {
+    conn.execute("UPDATE conversations SET established = 1 WHERE id = ?1", [&conv.id])?;
+    for (owner, contact) in [(&conv.agent_lo, &conv.agent_hi), (&conv.agent_hi, &conv.agent_lo)] {
         conn.execute(
             "INSERT OR IGNORE INTO contacts (owner_id, contact_id, added_at) VALUES (?1, ?2, ?3)",
             params![owner, contact, now],
@@ -437,8 +426,7 @@ pub fn message_by_client_id(
         "SELECT {MESSAGE_COLUMNS} FROM messages m JOIN agents a ON a.id = m.sender_id \
          WHERE m.sender_id = ?1 AND m.client_msg_id = ?2"
     );
-    conn.query_row(&sql, [sender_id, client_msg_id], message_from_row)
-        .optional()
+    conn.query_row(&sql, [sender_id, client_msg_id], message_from_row).optional()
 }
 
 /// A message by id.

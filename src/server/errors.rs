@@ -47,13 +47,7 @@ impl ApiError {
 
     /// Builds an error with a status, a stable code and a human message.
     pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
-        ApiError {
-            status,
-            code,
-            message: message.into(),
-            details: None,
-            retry_after_secs: None,
-        }
+        ApiError { status, code, message: message.into(), details: None, retry_after_secs: None }
     }
 
     /// Attaches the optional `details` object.
@@ -80,11 +74,7 @@ impl ApiError {
 
     /// 500 `INTERNAL_ERROR`; the cause is logged, never sent to the client.
     pub fn internal() -> Self {
-        ApiError::new(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            "INTERNAL_ERROR",
-            "Internal server error",
-        )
+        ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "INTERNAL_ERROR", "Internal server error")
     }
 }
 
@@ -105,8 +95,7 @@ impl IntoResponse for ApiError {
         }
         let mut res = (self.status, axum::Json(Value::Object(body))).into_response();
         if let Some(secs) = self.retry_after_secs {
-            res.headers_mut()
-                .insert(header::RETRY_AFTER, HeaderValue::from(secs));
+            res.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(secs));
         }
         res
     }
@@ -128,10 +117,7 @@ impl FieldErrors {
 
     /// Records a failure of one field.
     pub fn field(&mut self, field: &str, message: &str) {
-        let entry = self
-            .fields
-            .entry(field.to_owned())
-            .or_insert_with(|| json!([]));
+        let entry = self.fields.entry(field.to_owned()).or_insert_with(|| json!([]));
         if let Value::Array(list) = entry {
             list.push(json!(message));
         }
@@ -157,11 +143,7 @@ pub fn parse_json_object(body: RawBody) -> Result<Map<String, Value>, ApiError> 
         Ok(body) => body,
         Err(rejection) if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE => {
             let message = "Request body too large";
-            return Err(ApiError::new(
-                rejection.status(),
-                "CONTENT_TOO_LARGE",
-                message,
-            ));
+            return Err(ApiError::new(rejection.status(), "CONTENT_TOO_LARGE", message));
         }
         Err(rejection) => return Err(ApiError::validation(rejection.body_text())),
     };

@@ -25,9 +25,7 @@ impl SendRateLimiter {
         }
         if entry.1 >= per_second {
             let until_next_ms = (second + 1) * 1000 - now_ms;
-            let secs = u64::try_from((until_next_ms + 999) / 1000)
-                .unwrap_or(1)
-                .max(1);
+            let secs = u64::try_from((until_next_ms + 999) / 1000).unwrap_or(1).max(1);
             return Err(secs);
         }
         entry.1 += 1;

@@ -50,14 +50,8 @@ fn history_row_json(row: &MessageWithEnvelope) -> Value {
         let env = row.envelope.as_ref();
         map.insert("delivery_id".into(), json!(env.map(|e| &e.delivery_id)));
         map.insert("status".into(), json!(env.map(|e| &e.status)));
-        map.insert(
-            "delivered_at".into(),
-            json!(env.and_then(|e| e.delivered_at.as_ref())),
-        );
-        map.insert(
-            "read_at".into(),
-            json!(env.and_then(|e| e.read_at.as_ref())),
-        );
+        map.insert("delivered_at".into(), json!(env.and_then(|e| e.delivered_at.as_ref())));
+        map.insert("read_at".into(), json!(env.and_then(|e| e.read_at.as_ref())));
     }
     value
 }
@@ -119,14 +113,7 @@ fn validate_send(body: &Map<String, Value>) -> Result<SendRequest, ApiError> {
         }
     };
     errors.finish()?;
-    Ok(SendRequest {
-        to,
-        conversation_id,
-        client_msg_id,
-        kind,
-        content,
-        metadata,
-    })
+    Ok(SendRequest { to, conversation_id, client_msg_id, kind, content, metadata })
 }
 
 /// Keeps the three known content keys (unknown keys are dropped) and checks their types.
@@ -136,11 +123,7 @@ fn validate_content(content: Option<&Value>, errors: &mut FieldErrors) -> Map<St
         errors.field("content", "Required object");
         return kept;
     };
-    for (key, must_be) in [
-        ("text", "string"),
-        ("data", "object"),
-        ("attachment_id", "string"),
-    ] {
+    for (key, must_be) in [("text", "string"), ("data", "object"), ("attachment_id", "string")] {
         let Some(value) = content.get(key) else {
             continue;
         };
@@ -155,10 +138,7 @@ fn validate_content(content: Option<&Value>, errors: &mut FieldErrors) -> Map<St
         }
     }
     if kept.is_empty() {
-        errors.field(
-            "content",
-            "At least one of text, data or attachment_id is required",
-        );
+        errors.field("content", "At least one of text, data or attachment_id is required");
     }
     kept
 }
@@ -210,9 +190,7 @@ async fn send_checked(
     }
 
     let Some(to) = req.to.as_deref() else {
-        return Err(group_send_refusal(
-            req.conversation_id.as_deref().unwrap_or_default(),
-        ));
+        return Err(group_send_refusal(req.conversation_id.as_deref().unwrap_or_default()));
     };
     let recipient = {
         let conn = state.db.lock();
@@ -226,11 +204,9 @@ async fn send_checked(
         return Err(ApiError::validation("Cannot send a message to yourself"));
     }
 
-    if let Err(retry_after) = state.limiter.check(
-        &sender.id,
-        state.clock.now_ms(),
-        state.limits.sends_per_second,
-    ) {
+    if let Err(retry_after) =
+        state.limiter.check(&sender.id, state.clock.now_ms(), state.limits.sends_per_second)
+    {
         return Err(ApiError::new(
             StatusCode::TOO_MANY_REQUESTS,
             "RATE_LIMITED",
@@ -239,14 +215,8 @@ async fn send_checked(
         .with_retry_after(retry_after));
     }
 
-    let (outcome, backlog) = store_direct(
-        &state,
-        &sender,
-        &recipient,
-        &req,
-        content_json,
-        metadata_json,
-    )?;
+    let (outcome, backlog) =
+        store_direct(&state, &sender, &recipient, &req, content_json, metadata_json)?;
     let (status, message) = match outcome {
         SendOutcome::Created(message) => {
             let payload = message.base_json();
@@ -335,13 +305,7 @@ fn store_direct(
         created_at: now.clone(),
     };
     db::insert_message(&tx, &message)?;
-    db::insert_envelope(
-        &tx,
-        &ids::new_delivery_id(),
-        &message.id,
-        &recipient.id,
-        &now,
-    )?;
+    db::insert_envelope(&tx, &ids::new_delivery_id(), &message.id, &recipient.id, &now)?;
     tx.commit()?;
     Ok((SendOutcome::Created(message), backlog))
 }
@@ -413,9 +377,7 @@ fn query_int(raw: &str) -> Option<i64> {
 fn query_map(
     query: Result<Query<HashMap<String, String>>, QueryRejection>,
 ) -> Result<HashMap<String, String>, ApiError> {
-    query
-        .map(|Query(q)| q)
-        .map_err(|_| ApiError::validation("Invalid query string"))
+    query.map(|Query(q)| q).map_err(|_| ApiError::validation("Invalid query string"))
 }
 
 /// `GET /v1/messages/sync`.
@@ -480,11 +442,7 @@ pub async fn sync_ack(
 }
 
 fn forbidden() -> ApiError {
-    ApiError::new(
-        StatusCode::FORBIDDEN,
-        "FORBIDDEN",
-        "Not a participant of this conversation",
-    )
+    ApiError::new(StatusCode::FORBIDDEN, "FORBIDDEN", "Not a participant of this conversation")
 }
 
 /// `GET /v1/messages/:conversation_id`.
@@ -495,26 +453,20 @@ pub async fn history(
     query: Result<Query<HashMap<String, String>>, QueryRejection>,
 ) -> Result<Json<Value>, ApiError> {
     let query = query_map(query)?;
-    let limit = query
-        .get("limit")
-        .and_then(|raw| query_int(raw))
-        .map_or(50, |n| n.clamp(1, 200) as u32);
+    let limit =
+        query.get("limit").and_then(|raw| query_int(raw)).map_or(50, |n| n.clamp(1, 200) as u32);
     let seq_param = |name: &str| -> Result<Option<i64>, ApiError> {
         match query.get(name) {
             None => Ok(None),
             Some(raw) => match query_int(raw) {
                 Some(n) if n >= 0 => Ok(Some(n)),
-                _ => Err(ApiError::validation(format!(
-                    "{name} must be a non-negative integer"
-                ))),
+                _ => Err(ApiError::validation(format!("{name} must be a non-negative integer"))),
             },
         }
     };
     let cursor = match (seq_param("before_seq")?, seq_param("after_seq")?) {
         (Some(_), Some(_)) => {
-            return Err(ApiError::validation(
-                "before_seq and after_seq are mutually exclusive",
-            ));
+            return Err(ApiError::validation("before_seq and after_seq are mutually exclusive"));
         }
         (before, None) => HistoryCursor::Before(before),
         (None, Some(after)) => HistoryCursor::After(after),
@@ -527,17 +479,11 @@ pub async fn history(
     }
     let rows = db::history_page(&conn, &conversation_id, &agent.id, cursor, limit)?;
     drop(conn);
-    Ok(Json(Value::Array(
-        rows.iter().map(history_row_json).collect(),
-    )))
+    Ok(Json(Value::Array(rows.iter().map(history_row_json).collect())))
 }
 
 fn message_not_found() -> ApiError {
-    ApiError::new(
-        StatusCode::NOT_FOUND,
-        "MESSAGE_NOT_FOUND",
-        "Message not found",
-    )
+    ApiError::new(StatusCode::NOT_FOUND, "MESSAGE_NOT_FOUND", "Message not found")
 }
 
 /// `POST /v1/messages/:id/read`: marks the caller's envelope read and tells the sender.
@@ -563,18 +509,13 @@ pub async fn mark_read(
         "payload": { "message_id": message.id, "read_by": agent.handle, "read_at": read_at },
     })
     .to_string();
-    state
-        .hub
-        .push(&message.sender_id, || Outbound::Event(event.clone()));
+    state.hub.push(&message.sender_id, || Outbound::Event(event.clone()));
 
     let mut value = message.base_json();
     if let Value::Object(map) = &mut value {
         let env = envelope.as_ref();
         map.insert("status".into(), json!(env.map(|e| &e.status)));
-        map.insert(
-            "delivered_at".into(),
-            json!(env.and_then(|e| e.delivered_at.as_ref())),
-        );
+        map.insert("delivered_at".into(), json!(env.and_then(|e| e.delivered_at.as_ref())));
         map.insert("read_at".into(), json!(read_at));
     }
     Ok(Json(value))
@@ -599,10 +540,7 @@ pub async fn hide(
 
 /// The list preview of a message: its text (≤140 chars) or a short placeholder.
 fn preview(kind: &str, content: &Value) -> String {
-    let text = content
-        .get("text")
-        .or_else(|| content.get("body"))
-        .and_then(Value::as_str);
+    let text = content.get("text").or_else(|| content.get("body")).and_then(Value::as_str);
     match text {
         Some(text) => text.chars().take(140).collect(),
         None if kind == "system" => "System update".to_owned(),

@@ -183,27 +183,16 @@ impl LocalServer {
             stats: SendStats::default(),
         });
 
-        let bind_err = |source| ServerError::Bind {
-            addr: listen,
-            source,
-        };
-        let listener = tokio::net::TcpListener::bind(listen)
-            .await
-            .map_err(bind_err)?;
+        let bind_err = |source| ServerError::Bind { addr: listen, source };
+        let listener = tokio::net::TcpListener::bind(listen).await.map_err(bind_err)?;
         let addr = listener.local_addr().map_err(bind_err)?;
         let app = router(state.clone());
         let stop = state.shutdown.clone();
         let serve = tokio::spawn(async move {
-            axum::serve(listener, app)
-                .with_graceful_shutdown(stop.cancelled_owned())
-                .await
+            axum::serve(listener, app).with_graceful_shutdown(stop.cancelled_owned()).await
         });
         tracing::info!(%addr, "local server listening");
-        Ok(LocalServer {
-            addr,
-            state,
-            serve: Some(serve),
-        })
+        Ok(LocalServer { addr, state, serve: Some(serve) })
     }
 
     /// How the server has answered sends so far.
@@ -242,9 +231,7 @@ impl LocalServer {
         };
         match agent {
             Ok(Some(agent)) => {
-                self.state
-                    .hub
-                    .close_all(&agent.id, close_code, "Dropped by test hook")
+                self.state.hub.close_all(&agent.id, close_code, "Dropped by test hook")
             }
             Ok(None) => 0,
             Err(err) => {
@@ -298,10 +285,7 @@ fn router(state: Arc<AppState>) -> Router {
         .route("/v1/messages", post(messages::send))
         .route("/v1/messages/sync", get(messages::sync))
         .route("/v1/messages/sync/ack", post(messages::sync_ack))
-        .route(
-            "/v1/messages/{id}",
-            get(messages::history).delete(messages::hide),
-        )
+        .route("/v1/messages/{id}", get(messages::history).delete(messages::hide))
         .route("/v1/messages/{id}/read", post(messages::mark_read))
         .route("/v1/conversations", get(messages::conversations))
         .route("/v1/ws", get(ws::upgrade))
@@ -389,9 +373,8 @@ pub async fn run_dev_server(
         ..ServerConfig::default()
     };
     let code = config.verification_code.clone();
-    let server = LocalServer::start(config, args.listen)
-        .await
-        .context("while starting the local server")?;
+    let server =
+        LocalServer::start(config, args.listen).await.context("while starting the local server")?;
     // The code is a fixed development secret, logged once so a developer can register.
     tracing::info!(addr = %server.local_addr(), verification_code = %code, "dev server ready");
     shutdown.cancelled().await;

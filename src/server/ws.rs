@@ -91,11 +91,7 @@ impl Hub {
         }
         inner.next_id += 1;
         let id = inner.next_id;
-        inner
-            .sockets
-            .entry(agent_id.to_owned())
-            .or_default()
-            .push(SocketEntry { id, tx });
+        inner.sockets.entry(agent_id.to_owned()).or_default().push(SocketEntry { id, tx });
         (id, rx)
     }
 
@@ -118,17 +114,12 @@ impl Hub {
         let Some(list) = inner.sockets.get(agent_id) else {
             return 0;
         };
-        list.iter()
-            .filter(|entry| entry.tx.send(make()).is_ok())
-            .count()
+        list.iter().filter(|entry| entry.tx.send(make()).is_ok()).count()
     }
 
     /// Asks every live socket of `agent_id` to close with `code`; returns how many.
     pub fn close_all(&self, agent_id: &str, code: u16, reason: &str) -> usize {
-        self.push(agent_id, || Outbound::Close {
-            code,
-            reason: reason.to_owned(),
-        })
+        self.push(agent_id, || Outbound::Close { code, reason: reason.to_owned() })
     }
 }
 
@@ -176,10 +167,7 @@ pub async fn upgrade(
 }
 
 async fn send_close(socket: &mut WebSocket, code: u16, reason: &str) {
-    let frame = CloseFrame {
-        code,
-        reason: reason.into(),
-    };
+    let frame = CloseFrame { code, reason: reason.into() };
     // The peer may already be gone; there is nothing left to do with the error.
     let _ = socket.send(Message::Close(Some(frame))).await;
 }
@@ -212,10 +200,7 @@ async fn await_hello(state: &AppState, socket: &mut WebSocket) -> Hello {
         };
         let text = match next {
             Err(_elapsed) => {
-                return Hello::Rejected {
-                    code: 1008,
-                    reason: "HELLO frame required",
-                };
+                return Hello::Rejected { code: 1008, reason: "HELLO frame required" };
             }
             Ok(None | Some(Err(_))) => return Hello::Gone,
             Ok(Some(Ok(Message::Close(_)))) => {
@@ -225,10 +210,7 @@ async fn await_hello(state: &AppState, socket: &mut WebSocket) -> Hello {
             // Control frames are not application frames; keep waiting for the HELLO.
             Ok(Some(Ok(Message::Ping(_) | Message::Pong(_)))) => continue,
             Ok(Some(Ok(Message::Binary(_)))) => {
-                return Hello::Rejected {
-                    code: 1008,
-                    reason: "HELLO frame required first",
-                };
+                return Hello::Rejected { code: 1008, reason: "HELLO frame required first" };
             }
             Ok(Some(Ok(Message::Text(text)))) => text,
         };
@@ -238,14 +220,9 @@ async fn await_hello(state: &AppState, socket: &mut WebSocket) -> Hello {
 
 fn check_hello(state: &AppState, text: &str) -> Hello {
     let first = serde_json::from_str::<Value>(text).ok();
-    let hello = first
-        .as_ref()
-        .filter(|v| v.get("type").and_then(Value::as_str) == Some("hello"));
+    let hello = first.as_ref().filter(|v| v.get("type").and_then(Value::as_str) == Some("hello"));
     let Some(key) = hello.and_then(|v| v.get("api_key")).and_then(Value::as_str) else {
-        return Hello::Rejected {
-            code: 1008,
-            reason: "HELLO frame required first",
-        };
+        return Hello::Rejected { code: 1008, reason: "HELLO frame required first" };
     };
     let wants_ack = hello
         .and_then(|v| v.get("capabilities"))
@@ -253,16 +230,10 @@ fn check_hello(state: &AppState, text: &str) -> Hello {
         .is_some_and(|caps| caps.iter().any(|c| c.as_str() == Some("ack")));
     match auth::agent_for_key(state, key) {
         Ok(Some(agent)) => Hello::Ok { agent, wants_ack },
-        Ok(None) => Hello::Rejected {
-            code: 1008,
-            reason: "Invalid token",
-        },
+        Ok(None) => Hello::Rejected { code: 1008, reason: "Invalid token" },
         Err(err) => {
             tracing::error!(error = %err, "hello key lookup failed");
-            Hello::Rejected {
-                code: 1011,
-                reason: "Internal error",
-            }
+            Hello::Rejected { code: 1011, reason: "Internal error" }
         }
     }
 }
@@ -308,11 +279,7 @@ async fn run_socket(state: Arc<AppState>, mut socket: WebSocket, pre: PreAuth) {
                 } else {
                     json!({ "type": "hello.ok" })
                 };
-                if socket
-                    .send(Message::Text(ok.to_string().into()))
-                    .await
-                    .is_err()
-                {
+                if socket.send(Message::Text(ok.to_string().into())).await.is_err() {
                     return;
                 }
                 (agent, wants_ack)
@@ -320,9 +287,7 @@ async fn run_socket(state: Arc<AppState>, mut socket: WebSocket, pre: PreAuth) {
         },
     };
 
-    let (socket_id, rx) = state
-        .hub
-        .register_with(&agent.id, || drain_frames(&state, &agent.id));
+    let (socket_id, rx) = state.hub.register_with(&agent.id, || drain_frames(&state, &agent.id));
     tracing::debug!(handle = %agent.handle, socket_id, ack_mode, "websocket connected");
     serve_socket(&state, &agent, ack_mode, &mut socket, rx).await;
     state.hub.unregister(&agent.id, socket_id);

@@ -39,20 +39,14 @@ impl Store {
     pub async fn peer_state(&self, handle: &str) -> Result<Option<PeerState>, StoreError> {
         let handle = handle.to_owned();
         self.call(move |c| {
-            c.query_row(
-                "SELECT state, opened_ms FROM peers WHERE handle = ?1",
-                [handle],
-                |r| {
-                    let state: String = r.get(0)?;
-                    let opened_ms: Option<i64> = r.get(1)?;
-                    Ok(match state.as_str() {
-                        "awaiting" => PeerState::Awaiting {
-                            opened_ms: opened_ms.unwrap_or(0),
-                        },
-                        _ => PeerState::Established,
-                    })
-                },
-            )
+            c.query_row("SELECT state, opened_ms FROM peers WHERE handle = ?1", [handle], |r| {
+                let state: String = r.get(0)?;
+                let opened_ms: Option<i64> = r.get(1)?;
+                Ok(match state.as_str() {
+                    "awaiting" => PeerState::Awaiting { opened_ms: opened_ms.unwrap_or(0) },
+                    _ => PeerState::Established,
+                })
+            })
             .optional()
         })
         .await
@@ -74,11 +68,9 @@ impl Store {
         self.call(move |c| {
             let tx = c.transaction()?;
             let was_awaiting = tx
-                .query_row(
-                    "SELECT state FROM peers WHERE handle = ?1",
-                    [&handle],
-                    |r| r.get::<_, String>(0),
-                )
+                .query_row("SELECT state FROM peers WHERE handle = ?1", [&handle], |r| {
+                    r.get::<_, String>(0)
+                })
                 .optional()?
                 .is_some_and(|state| state == "awaiting");
             tx.execute(
@@ -143,10 +135,7 @@ impl Store {
                  WHERE state = 'awaiting' AND opened_ms > ?1 ORDER BY opened_ms",
             )?;
             let rows = stmt.query_map([since_ms], |r| {
-                Ok(PeerThread {
-                    handle: r.get(0)?,
-                    opened_ms: r.get(1)?,
-                })
+                Ok(PeerThread { handle: r.get(0)?, opened_ms: r.get(1)? })
             })?;
             rows.collect()
         })

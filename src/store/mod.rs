@@ -117,15 +117,10 @@ impl Store {
     /// # Errors
     /// When the directory or file cannot be created or the schema is newer than this build.
     pub fn open(state_dir: &Path) -> Result<Self, StoreError> {
-        std::fs::create_dir_all(state_dir).map_err(|source| StoreError::CreateDir {
-            path: state_dir.to_path_buf(),
-            source,
-        })?;
+        std::fs::create_dir_all(state_dir)
+            .map_err(|source| StoreError::CreateDir { path: state_dir.to_path_buf(), source })?;
         let path = state_dir.join("state.sqlite3");
-        let sql = |source| StoreError::Sqlite {
-            path: path.clone(),
-            source,
-        };
+        let sql = |source| StoreError::Sqlite { path: path.clone(), source };
         let conn = Connection::open(&path).map_err(sql)?;
         // WAL lets readers run beside the writer; FULL makes every commit survive power loss,
         // which the exactly-once promise needs more than it needs the last millisecond.
@@ -133,22 +128,11 @@ impl Store {
             "PRAGMA journal_mode = WAL; PRAGMA synchronous = FULL; PRAGMA busy_timeout = 5000;",
         )
         .map_err(sql)?;
-        let version: i64 = conn
-            .query_row("PRAGMA user_version", [], |r| r.get(0))
-            .map_err(sql)?;
-        match version {
-            0 => conn
-                .execute_batch(&format!(
-                    "BEGIN; {SCHEMA_V1} PRAGMA user_version = {SCHEMA_VERSION}; COMMIT;"
-                ))
-                .map_err(sql)?,
-            SCHEMA_VERSION => {}
-            found => return Err(StoreError::TooNew { path, found }),
-        }
-        Ok(Self {
-            inner: Arc::new(Mutex::new(conn)),
-            path,
-        })
+        migrate(&conn).map_err(|err| match err {
+            Migration::Sqlite(source) => StoreError::Sqlite { path: path.clone(), source },
+            Migration::TooNew(found) => StoreError::TooNew { path: path.clone(), found },
+        })?;
+        Ok(Self { inner: Arc::new(Mutex::new(conn)), path })
     }
 
     /// The database file.
@@ -168,9 +152,7 @@ impl Store {
         tokio::task::spawn_blocking(move || {
             // A poisoned lock only means another store call panicked mid-way; SQLite rolled
             // that transaction back, so the connection is still consistent.
-            let mut conn = inner
-                .lock()
-                .unwrap_or_else(|poisoned| poisoned.into_inner());
+            let mut conn = inner.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
             f(&mut conn).map_err(|source| StoreError::Sqlite { path, source })
         })
         .await
@@ -183,8 +165,7 @@ impl Store {
     /// On SQLite failure.
     pub async fn meta(&self, key: &'static str) -> Result<Option<String>, StoreError> {
         self.call(move |c| {
-            c.query_row("SELECT value FROM meta WHERE key = ?1", [key], |r| r.get(0))
-                .optional()
+            c.query_row("SELECT value FROM meta WHERE key = ?1", [key], |r| r.get(0)).optional()
         })
         .await
     }
@@ -212,13 +193,9 @@ impl Store {
     pub async fn is_processed(&self, message_id: &str) -> Result<bool, StoreError> {
         let id = message_id.to_owned();
         self.call(move |c| {
-            c.query_row(
-                "SELECT 1 FROM processed WHERE message_id = ?1",
-                [id],
-                |_| Ok(()),
-            )
-            .optional()
-            .map(|row| row.is_some())
+            c.query_row("SELECT 1 FROM processed WHERE message_id = ?1", [id], |_| Ok(()))
+                .optional()
+                .map(|row| row.is_some())
         })
         .await
     }
@@ -237,11 +214,8 @@ impl Store {
         sends: Vec<NewSend>,
         now_ms: i64,
     ) -> Result<bool, StoreError> {
-        let (id, conv, outcome) = (
-            message_id.to_owned(),
-            conversation_id.to_owned(),
-            outcome.to_owned(),
-        );
+        let (id, conv, outcome) =
+            (message_id.to_owned(), conversation_id.to_owned(), outcome.to_owned());
         let seq = i64::try_from(seq).unwrap_or(i64::MAX);
         self.call(move |c| {
             let tx = c.transaction()?;
@@ -289,9 +263,34 @@ impl Store {
     /// # Errors
     /// On SQLite failure.
     pub async fn quarantined(&self) -> Result<u64, StoreError> {
-        self.call(|c| c.query_row("SELECT COUNT(*) FROM quarantine", [], |r| r.get(0)))
-            .await
+        self.call(|c| c.query_row("SELECT COUNT(*) FROM quarantine", [], |r| r.get(0))).await
     }
+}
+
+enum Migration {
+    Sqlite(rusqlite::Error),
+    TooNew(i64),
+}
+
+/// Brings the schema to [`SCHEMA_VERSION`]. The version is read inside a write transaction, so
+/// two processes opening a new file at once (the daemon and an operator command) cannot both
+/// create the schema.
+fn migrate(conn: &Connection) -> Result<(), Migration> {
+    conn.execute_batch("BEGIN IMMEDIATE").map_err(Migration::Sqlite)?;
+    let result = (|| {
+        let version: i64 =
+            conn.query_row("PRAGMA user_version", [], |r| r.get(0)).map_err(Migration::Sqlite)?;
+        match version {
+            0 => conn
+                .execute_batch(&format!("{SCHEMA_V1} PRAGMA user_version = {SCHEMA_VERSION};"))
+                .map_err(Migration::Sqlite),
+            SCHEMA_VERSION => Ok(()),
+            found => Err(Migration::TooNew(found)),
+        }
+    })();
+    let end = if result.is_ok() { "COMMIT" } else { "ROLLBACK" };
+    conn.execute_batch(end).map_err(Migration::Sqlite)?;
+    result
 }
 
 #[cfg(test)]

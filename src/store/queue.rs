@@ -106,8 +106,7 @@ impl Store {
     /// # Errors
     /// On SQLite failure.
     pub async fn enqueue(&self, send: NewSend, now_ms: i64) -> Result<bool, StoreError> {
-        self.call(move |c| insert_send(c, &send, now_ms).map(|n| n > 0))
-            .await
+        self.call(move |c| insert_send(c, &send, now_ms).map(|n| n > 0)).await
     }
 
     /// The sends that may go now: the oldest pending send of each lane, if it is due.
@@ -344,11 +343,8 @@ impl Store {
     /// On SQLite failure.
     pub async fn drop_send(&self, id: i64) -> Result<bool, StoreError> {
         self.call(move |c| {
-            c.execute(
-                "DELETE FROM outbox WHERE id = ?1 AND state != 'sent'",
-                params![id],
-            )
-            .map(|n| n > 0)
+            c.execute("DELETE FROM outbox WHERE id = ?1 AND state != 'sent'", params![id])
+                .map(|n| n > 0)
         })
         .await
     }

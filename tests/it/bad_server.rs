@@ -100,10 +100,7 @@ async fn sync(State(seen): State<Seen>) -> axum::response::Response {
 }
 
 async fn ack(State(seen): State<Seen>, Json(body): Json<Value>) -> Json<Value> {
-    let cursor = body["last_delivery_id"]
-        .as_str()
-        .unwrap_or_default()
-        .to_owned();
+    let cursor = body["last_delivery_id"].as_str().unwrap_or_default().to_owned();
     seen.acks.lock().expect("lock").push(cursor);
     Json(json!({"acked": 2}))
 }
@@ -117,9 +114,7 @@ async fn start_fake() -> (String, Seen, tokio::task::JoinHandle<()>) {
         .route("/v1/messages/sync/ack", post(ack))
         .route("/v1/ws", get(ws))
         .with_state(seen.clone());
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let base = format!("http://{}", listener.local_addr().expect("addr"));
     let task = tokio::spawn(async move {
         let _ = axum::serve(listener, app).await;
@@ -146,10 +141,7 @@ async fn garbage_websocket_frames_are_quarantined_and_good_messages_answered() {
     let daemon = Daemon::spawn(config.clone());
 
     wait_for("the ack of the good message", || {
-        seen.acks
-            .lock()
-            .expect("lock")
-            .contains(&"msg_good".to_owned())
+        seen.acks.lock().expect("lock").contains(&"msg_good".to_owned())
     })
     .await;
     wait_for("the reply", || !seen.sends.lock().expect("lock").is_empty()).await;
@@ -182,19 +174,10 @@ async fn malformed_sync_answers_are_survived_and_bad_rows_quarantined() {
     let daemon = Daemon::spawn(config.clone());
 
     let last = format!("del_{}", "b".repeat(32));
-    wait_for("the page ack", || {
-        seen.acks.lock().expect("lock").contains(&last)
-    })
-    .await;
+    wait_for("the page ack", || seen.acks.lock().expect("lock").contains(&last)).await;
     wait_for("the reply", || !seen.sends.lock().expect("lock").is_empty()).await;
-    assert_eq!(
-        seen.sends.lock().expect("lock")[0]["content"]["text"],
-        "echo: hi"
-    );
-    assert!(
-        *seen.sync_calls.lock().expect("lock") >= 2,
-        "the unparsable answer was retried"
-    );
+    assert_eq!(seen.sends.lock().expect("lock")[0]["content"]["text"], "echo: hi");
+    assert!(*seen.sync_calls.lock().expect("lock") >= 2, "the unparsable answer was retried");
     daemon.stop().await;
     server.abort();
 

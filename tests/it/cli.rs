@@ -15,11 +15,7 @@ fn check_config_names_the_bad_key_and_line_and_exits_78() {
         "[agent]\napi_base = \"ftp://example\"\napi_key_env = \"K\"\n[state]\ndir = \"s\"\n",
     )
     .expect("write");
-    let out = agentchatd()
-        .args(["check-config", "--config"])
-        .arg(&path)
-        .output()
-        .expect("runs");
+    let out = agentchatd().args(["check-config", "--config"]).arg(&path).output().expect("runs");
     assert_eq!(out.status.code(), Some(78));
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains(":2: `agent.api_base`"), "{stderr}");
@@ -33,25 +29,13 @@ fn check_config_accepts_the_shipped_example_when_its_key_exists() {
     let path = dir.path().join("agentchatd.toml");
     std::fs::write(&path, example).expect("write");
     std::fs::create_dir_all(dir.path().join("state")).expect("mkdir");
-    let out = agentchatd()
-        .args(["check-config", "--config"])
-        .arg(&path)
-        .output()
-        .expect("runs");
+    let out = agentchatd().args(["check-config", "--config"]).arg(&path).output().expect("runs");
     assert_eq!(out.status.code(), Some(78), "no key file yet");
     assert!(String::from_utf8_lossy(&out.stderr).contains("api-key"));
 
     std::fs::write(dir.path().join("state/api-key"), "ac_example\n").expect("key");
-    let out = agentchatd()
-        .args(["check-config", "--config"])
-        .arg(&path)
-        .output()
-        .expect("runs");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let out = agentchatd().args(["check-config", "--config"]).arg(&path).output().expect("runs");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
 }
 
 #[test]

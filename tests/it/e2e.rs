@@ -15,15 +15,10 @@ async fn check_exchange(transport: Transport) {
     let daemon = Daemon::spawn(world.config(transport, vec![plugin("echo", echo_plugin_path())]));
     let conversation = world.open_thread().await;
     for n in 1..=5 {
-        world
-            .peer_says(&format!("m{n}"), &format!("ping {n}"))
-            .await;
+        world.peer_says(&format!("m{n}"), &format!("ping {n}")).await;
     }
     let replies = world.wait_for_replies(&conversation, 6).await;
-    let texts: Vec<_> = replies
-        .iter()
-        .filter_map(|m| m.content.text.clone())
-        .collect();
+    let texts: Vec<_> = replies.iter().filter_map(|m| m.content.text.clone()).collect();
     let mut expected = vec!["echo: hello".to_owned()];
     expected.extend((1..=5).map(|n| format!("echo: ping {n}")));
     assert_eq!(texts, expected, "one reply per message, in order");
@@ -43,10 +38,7 @@ async fn polling_inbox_answers_every_message_in_order() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn crash_mid_stream_then_restart_answers_each_message_exactly_once() {
     let world = World::start().await;
-    let config = world.config(
-        Transport::Websocket,
-        vec![plugin("echo", echo_plugin_path())],
-    );
+    let config = world.config(Transport::Websocket, vec![plugin("echo", echo_plugin_path())]);
     let first = Daemon::spawn(config.clone());
 
     // The peer writes 50 messages while the daemon runs; the daemon is killed part-way.
@@ -75,24 +67,13 @@ async fn crash_mid_stream_then_restart_answers_each_message_exactly_once() {
     }
     second.stop().await;
     let replies_after = world.replies_seen_by_peer(&conversation).await;
-    assert_eq!(
-        replies_after.len(),
-        replies.len(),
-        "no reply arrived after the last one"
-    );
+    assert_eq!(replies_after.len(), replies.len(), "no reply arrived after the last one");
 
-    let texts: Vec<_> = replies_after
-        .iter()
-        .filter_map(|m| m.content.text.clone())
-        .collect();
+    let texts: Vec<_> = replies_after.iter().filter_map(|m| m.content.text.clone()).collect();
     let unique: BTreeSet<_> = texts.iter().cloned().collect();
     let mut expected: BTreeSet<_> = (1..=50).map(|n| format!("echo: n{n}")).collect();
     expected.insert("echo: hello".to_owned());
-    assert_eq!(
-        texts.len(),
-        51,
-        "exactly one reply per message, got {texts:?}"
-    );
+    assert_eq!(texts.len(), 51, "exactly one reply per message, got {texts:?}");
     assert_eq!(unique, expected);
 }
 
@@ -107,10 +88,7 @@ async fn a_trapping_plugin_is_contained_and_later_plugins_still_answer() {
     world.wait_for_replies(&first.conversation_id, 1).await;
     world.peer_says("t2", "second").await;
     let replies = world.wait_for_replies(&first.conversation_id, 2).await;
-    let texts: Vec<_> = replies
-        .iter()
-        .filter_map(|m| m.content.text.clone())
-        .collect();
+    let texts: Vec<_> = replies.iter().filter_map(|m| m.content.text.clone()).collect();
     assert_eq!(texts, ["echo: first", "echo: second"]);
     daemon.stop().await;
 
@@ -136,10 +114,8 @@ async fn daemon_waits_for_an_unreachable_server_then_serves() {
 
     let server_dir = tempfile::tempdir().expect("tempdir");
     let db = server_dir.path().join("server.sqlite3");
-    let config = agentchatd::server::ServerConfig {
-        db_path: Some(db.clone()),
-        ..Default::default()
-    };
+    let config =
+        agentchatd::server::ServerConfig { db_path: Some(db.clone()), ..Default::default() };
     // Seed the agents on a first server run, then stop it: the key must survive a restart.
     let seeding = agentchatd::server::LocalServer::start(
         config.clone(),
@@ -147,14 +123,8 @@ async fn daemon_waits_for_an_unreachable_server_then_serves() {
     )
     .await
     .expect("server");
-    let agent_key = seeding
-        .seed_agent(crate::harness::AGENT)
-        .await
-        .expect("agent");
-    let peer_key = seeding
-        .seed_agent(crate::harness::PEER)
-        .await
-        .expect("peer");
+    let agent_key = seeding.seed_agent(crate::harness::AGENT).await.expect("agent");
+    let peer_key = seeding.seed_agent(crate::harness::PEER).await.expect("peer");
     seeding.shutdown().await;
 
     let daemon_config = crate::harness::daemon_config(
@@ -166,10 +136,7 @@ async fn daemon_waits_for_an_unreachable_server_then_serves() {
     );
     let daemon = Daemon::spawn(daemon_config);
     tokio::time::sleep(Duration::from_millis(1500)).await;
-    assert!(
-        !daemon.task.is_finished(),
-        "the daemon must keep waiting for the server"
-    );
+    assert!(!daemon.task.is_finished(), "the daemon must keep waiting for the server");
 
     let server = agentchatd::server::LocalServer::start(
         config,
@@ -197,14 +164,9 @@ async fn daemon_waits_for_an_unreachable_server_then_serves() {
         .expect("send");
     let mut answered = false;
     for _ in 0..600 {
-        let history = peer
-            .history_after(&sent.message.conversation_id, 0, 50)
-            .await
-            .expect("history");
-        if history
-            .iter()
-            .any(|m| m.content.text.as_deref() == Some("echo: are you there"))
-        {
+        let history =
+            peer.history_after(&sent.message.conversation_id, 0, 50).await.expect("history");
+        if history.iter().any(|m| m.content.text.as_deref() == Some("echo: are you there")) {
             answered = true;
             break;
         }

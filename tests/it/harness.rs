@@ -38,23 +38,12 @@ impl World {
         let agent_key = server.seed_agent(AGENT).await.expect("seed agent");
         let peer_key = server.seed_agent(PEER).await.expect("seed peer");
         let peer = Client::new(&server.base_url(), ApiKey::new(peer_key)).expect("client");
-        World {
-            server,
-            agent_key,
-            peer,
-            dir: tempfile::tempdir().expect("tempdir"),
-        }
+        World { server, agent_key, peer, dir: tempfile::tempdir().expect("tempdir") }
     }
 
     /// A daemon config for this world with the given transport and plugins.
     pub fn config(&self, transport: Transport, plugins: Vec<PluginConfig>) -> Config {
-        daemon_config(
-            &self.server.base_url(),
-            &self.agent_key,
-            self.dir.path(),
-            transport,
-            plugins,
-        )
+        daemon_config(&self.server.base_url(), &self.agent_key, self.dir.path(), transport, plugins)
     }
 
     /// The peer sends `text` to the agent with a given idempotency key.
@@ -64,16 +53,9 @@ impl World {
             conversation_id: None,
             client_msg_id: key.into(),
             kind: "text".into(),
-            content: Content {
-                text: Some(text.into()),
-                ..Content::default()
-            },
+            content: Content { text: Some(text.into()), ..Content::default() },
         };
-        self.peer
-            .send_message(&request)
-            .await
-            .expect("peer send")
-            .message
+        self.peer.send_message(&request).await.expect("peer send").message
     }
 
     /// Opens the peer's thread with the agent: the first message of a new thread waits for a
@@ -90,11 +72,7 @@ impl World {
         let mut out = Vec::new();
         let mut after = 0;
         for _ in 0..100 {
-            let page = self
-                .peer
-                .history_after(conversation_id, after, 200)
-                .await
-                .expect("history");
+            let page = self.peer.history_after(conversation_id, after, 200).await.expect("history");
             let Some(last) = page.last() else { break };
             after = last.seq;
             out.extend(page.into_iter().filter(|m| m.sender == AGENT));
@@ -136,6 +114,8 @@ pub fn daemon_config(
         requests_per_second: 60,
         window_margin: Duration::from_millis(40),
         cold_threads_per_day: 100,
+        max_attempts: 12,
+        retry_initial: Duration::from_millis(500),
         plugins,
         log_json: false,
     }

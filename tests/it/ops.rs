@@ -29,9 +29,7 @@ fn notify_pair() -> (tempfile::TempDir, UnixDatagram, Notifier) {
     let dir = tempfile::tempdir().expect("tempdir");
     let path = dir.path().join("notify.sock");
     let receiver = UnixDatagram::bind(&path).expect("bind the notify socket");
-    receiver
-        .set_read_timeout(Some(BOUND))
-        .expect("read timeout");
+    receiver.set_read_timeout(Some(BOUND)).expect("read timeout");
     let notifier = Notifier::to_socket(&path).expect("a path is a valid address");
     (dir, receiver, notifier)
 }
@@ -63,9 +61,7 @@ fn check_sequence(notifier: &Notifier, receiver: &UnixDatagram) {
     notifier.ready().expect("ready");
     assert_eq!(receive(receiver), "READY=1");
 
-    notifier
-        .status("connected; 2 plugins loaded")
-        .expect("status");
+    notifier.status("connected; 2 plugins loaded").expect("status");
     assert_eq!(receive(receiver), "STATUS=connected; 2 plugins loaded");
 
     notifier.watchdog().expect("watchdog");
@@ -79,10 +75,7 @@ fn check_sequence(notifier: &Notifier, receiver: &UnixDatagram) {
         .strip_prefix("RELOADING=1\nMONOTONIC_USEC=")
         .unwrap_or_else(|| panic!("unexpected datagram {reloading:?}"));
     let usec: u64 = usec.parse().expect("MONOTONIC_USEC is an integer");
-    assert!(
-        (before..=after).contains(&usec),
-        "{before} <= {usec} <= {after}"
-    );
+    assert!((before..=after).contains(&usec), "{before} <= {usec} <= {after}");
 
     notifier.ready().expect("ready after the reload");
     assert_eq!(receive(receiver), "READY=1");
@@ -103,16 +96,10 @@ fn notifications_arrive_on_an_abstract_socket() {
     use std::os::linux::net::SocketAddrExt;
     use std::os::unix::net::SocketAddr;
 
-    let name = format!(
-        "agentchatd-test-notify-{}-{}",
-        std::process::id(),
-        rand::random::<u64>()
-    );
+    let name = format!("agentchatd-test-notify-{}-{}", std::process::id(), rand::random::<u64>());
     let addr = SocketAddr::from_abstract_name(name.as_bytes()).expect("abstract address");
     let receiver = UnixDatagram::bind_addr(&addr).expect("bind the abstract socket");
-    receiver
-        .set_read_timeout(Some(BOUND))
-        .expect("read timeout");
+    receiver.set_read_timeout(Some(BOUND)).expect("read timeout");
 
     let notifier = Notifier::to_socket(format!("@{name}")).expect("@name is a valid address");
     check_sequence(&notifier, &receiver);
@@ -128,9 +115,7 @@ fn a_status_cannot_smuggle_in_another_assignment() {
 #[test]
 fn extend_timeout_is_sent_in_microseconds() {
     let (_dir, receiver, notifier) = notify_pair();
-    notifier
-        .extend_timeout(Duration::from_secs(20))
-        .expect("extend");
+    notifier.extend_timeout(Duration::from_secs(20)).expect("extend");
     assert_eq!(receive(&receiver), "EXTEND_TIMEOUT_USEC=20000000");
 }
 
@@ -177,10 +162,8 @@ async fn beat_for(heartbeat: &Heartbeat, loops: &[&str], rounds: usize) {
 async fn watchdog_pings_stop_while_a_loop_stalls_and_resume_when_it_recovers() {
     let logs = Captured::default();
     let writer = logs.clone();
-    let subscriber = tracing_subscriber::fmt()
-        .with_writer(move || writer.clone())
-        .with_ansi(false)
-        .finish();
+    let subscriber =
+        tracing_subscriber::fmt().with_writer(move || writer.clone()).with_ansi(false).finish();
     // A current-thread runtime runs the pinger on this thread, so a thread-local default
     // subscriber sees its logs.
     let _guard = tracing::subscriber::set_default(subscriber);
@@ -190,12 +173,8 @@ async fn watchdog_pings_stop_while_a_loop_stalls_and_resume_when_it_recovers() {
     heartbeat.register("inbox");
     heartbeat.register("outbox");
     let shutdown = CancellationToken::new();
-    let pinger = tokio::spawn(watchdog::run(
-        notifier,
-        heartbeat.clone(),
-        PING_EVERY,
-        shutdown.clone(),
-    ));
+    let pinger =
+        tokio::spawn(watchdog::run(notifier, heartbeat.clone(), PING_EVERY, shutdown.clone()));
     tokio::time::sleep(PING_EVERY / 2).await;
 
     // Both loops beat: a ping at 0, 10, 20, 30 and 40 s.
@@ -232,12 +211,8 @@ async fn a_registered_loop_that_never_beats_stops_the_pings() {
     let heartbeat = Heartbeat::new(STALL_LIMIT);
     heartbeat.register("inbox");
     let shutdown = CancellationToken::new();
-    let pinger = tokio::spawn(watchdog::run(
-        notifier,
-        heartbeat.clone(),
-        PING_EVERY,
-        shutdown.clone(),
-    ));
+    let pinger =
+        tokio::spawn(watchdog::run(notifier, heartbeat.clone(), PING_EVERY, shutdown.clone()));
 
     // Ticks at 0, 10 and 20 s ping; from 30 s the never-beating inbox has stalled.
     tokio::time::sleep(Duration::from_secs(65)).await;
@@ -257,12 +232,7 @@ async fn the_pinger_survives_a_notify_socket_that_went_away() {
     std::fs::remove_file(dir.path().join("notify.sock")).expect("remove the socket");
     let heartbeat = Heartbeat::new(STALL_LIMIT);
     let shutdown = CancellationToken::new();
-    let pinger = tokio::spawn(watchdog::run(
-        notifier,
-        heartbeat,
-        PING_EVERY,
-        shutdown.clone(),
-    ));
+    let pinger = tokio::spawn(watchdog::run(notifier, heartbeat, PING_EVERY, shutdown.clone()));
 
     tokio::time::sleep(PING_EVERY * 3).await;
     assert!(!pinger.is_finished(), "send errors must not end the pinger");
@@ -322,11 +292,7 @@ impl FlockChild {
         let mut child = Command::new("flock")
             .args(["--nonblock", "-o"])
             .arg(path)
-            .args([
-                "sh",
-                "-c",
-                "echo \"pid=$$\" > \"$0\"; echo $$; read _ || true",
-            ])
+            .args(["sh", "-c", "echo \"pid=$$\" > \"$0\"; echo $$; read _ || true"])
             .arg(path)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
@@ -342,10 +308,7 @@ impl FlockChild {
 
     fn release(mut self) {
         drop(self.child.stdin.take());
-        let status = self
-            .child
-            .wait()
-            .expect("the child exits once stdin closes");
+        let status = self.child.wait().expect("the child exits once stdin closes");
         assert!(status.success(), "flock exited with {status}");
     }
 }
@@ -386,21 +349,10 @@ impl Endpoint {
         };
         let shutdown = CancellationToken::new();
         let addr = "127.0.0.1:0".parse().expect("address");
-        let server = http::start(addr, state.clone(), shutdown.clone())
-            .await
-            .expect("bind 127.0.0.1:0");
-        let client = reqwest::Client::builder()
-            .no_proxy()
-            .timeout(BOUND)
-            .build()
-            .expect("client");
-        Self {
-            base: format!("http://{}", server.local_addr()),
-            client,
-            state,
-            shutdown,
-            server,
-        }
+        let server =
+            http::start(addr, state.clone(), shutdown.clone()).await.expect("bind 127.0.0.1:0");
+        let client = reqwest::Client::builder().no_proxy().timeout(BOUND).build().expect("client");
+        Self { base: format!("http://{}", server.local_addr()), client, state, shutdown, server }
     }
 
     async fn get(&self, path: &str) -> (u16, String, String) {
@@ -438,10 +390,7 @@ impl Endpoint {
 
 fn assert_lines(text: &str, expected: &[&str]) {
     for line in expected {
-        assert!(
-            text.lines().any(|l| l == *line),
-            "missing {line:?} in:\n{text}"
-        );
+        assert!(text.lines().any(|l| l == *line), "missing {line:?} in:\n{text}");
     }
 }
 
@@ -529,10 +478,7 @@ async fn readyz_turns_200_only_once_every_condition_holds() {
 
     readiness.mark_ready("inbox");
     let (status, body) = endpoint.json("/readyz").await;
-    assert_eq!(
-        (status, body),
-        (200, serde_json::json!({ "status": "ready" }))
-    );
+    assert_eq!((status, body), (200, serde_json::json!({ "status": "ready" })));
 
     readiness.mark_not_ready("inbox", "reconnecting");
     let (status, _) = endpoint.json("/readyz").await;
@@ -587,9 +533,8 @@ async fn an_address_in_use_is_a_bind_error_naming_it() {
         heartbeat: Heartbeat::new(Duration::from_secs(30)),
         readiness: Readiness::new(["plugins"]),
     };
-    let err = http::start(addr, state, CancellationToken::new())
-        .await
-        .expect_err("the port is taken");
+    let err =
+        http::start(addr, state, CancellationToken::new()).await.expect_err("the port is taken");
     assert!(matches!(err, HttpError::Bind { .. }), "{err:?}");
     assert!(err.to_string().contains(&addr.to_string()), "{err}");
 }

@@ -29,19 +29,12 @@ fn wat_spec(dir: &Path, id: &str, guest: &str) -> PluginSpec {
 }
 
 fn text_draft(text: &str) -> Draft {
-    Draft {
-        conversation_id: None,
-        text: Some(text.to_string()),
-        data_json: None,
-    }
+    Draft { conversation_id: None, text: Some(text.to_string()), data_json: None }
 }
 
 /// The verdicts as `(plugin id, result)` pairs, for one-line assertions.
 fn summary(verdicts: &[Verdict]) -> Vec<(&str, &Result<Decision, CallError>)> {
-    verdicts
-        .iter()
-        .map(|v| (v.plugin_id.as_str(), &v.result))
-        .collect()
+    verdicts.iter().map(|v| (v.plugin_id.as_str(), &v.result)).collect()
 }
 
 #[tokio::test]
@@ -55,9 +48,7 @@ async fn echo_replies_to_text_and_passes_on_structured_messages() {
         vec![("echo", &Ok(Decision::Reply(vec![text_draft("echo: hi")])))]
     );
 
-    let verdicts = host
-        .on_message(&structured_message(r#"{"kind":"ping"}"#))
-        .await;
+    let verdicts = host.on_message(&structured_message(r#"{"kind":"ping"}"#)).await;
     assert_eq!(summary(&verdicts), vec![("echo", &Ok(Decision::Pass))]);
 }
 
@@ -85,11 +76,7 @@ async fn plugins_run_in_order_and_a_claim_stops_the_rest() {
 #[tokio::test]
 async fn a_drop_stops_the_rest() {
     let dir = tempfile::tempdir().expect("temp dir");
-    let host = load(vec![
-        wat_spec(dir.path(), "dropper", "drop"),
-        echo_spec("echo"),
-    ])
-    .await;
+    let host = load(vec![wat_spec(dir.path(), "dropper", "drop"), echo_spec("echo")]).await;
 
     let verdicts = host.on_message(&text_message("spam")).await;
     assert_eq!(summary(&verdicts), vec![("dropper", &Ok(Decision::Drop))]);
@@ -98,11 +85,7 @@ async fn a_drop_stops_the_rest() {
 #[tokio::test]
 async fn a_trap_counts_as_pass_and_the_next_call_works() {
     let dir = tempfile::tempdir().expect("temp dir");
-    let host = load(vec![
-        wat_spec(dir.path(), "trapper", "trap"),
-        echo_spec("echo"),
-    ])
-    .await;
+    let host = load(vec![wat_spec(dir.path(), "trapper", "trap"), echo_spec("echo")]).await;
 
     // Twice: the second call proves the trap left nothing behind.
     for round in 0..2 {
@@ -112,10 +95,7 @@ async fn a_trap_counts_as_pass_and_the_next_call_works() {
             Err(CallError::Trap(why)) => assert!(why.contains("unreachable"), "{why}"),
             other => panic!("round {round}: expected a trap, got {other:?}"),
         }
-        assert_eq!(
-            verdicts[1].result,
-            Ok(Decision::Reply(vec![text_draft("echo: hi")]))
-        );
+        assert_eq!(verdicts[1].result, Ok(Decision::Reply(vec![text_draft("echo: hi")])));
     }
 }
 
@@ -123,10 +103,7 @@ async fn a_trap_counts_as_pass_and_the_next_call_works() {
 async fn an_endless_loop_is_stopped_at_the_budget() {
     let dir = tempfile::tempdir().expect("temp dir");
     let budget = Duration::from_millis(50);
-    let spec = PluginSpec {
-        timeout: budget,
-        ..wat_spec(dir.path(), "spinner", "spin")
-    };
+    let spec = PluginSpec { timeout: budget, ..wat_spec(dir.path(), "spinner", "spin") };
     let host = load(vec![spec, echo_spec("echo")]).await;
 
     let verdicts = host.on_message(&text_message("hi")).await;
@@ -137,18 +114,12 @@ async fn an_endless_loop_is_stopped_at_the_budget() {
 #[tokio::test]
 async fn growing_memory_past_the_limit_is_a_memory_limit_error() {
     let dir = tempfile::tempdir().expect("temp dir");
-    let spec = PluginSpec {
-        memory_limit_bytes: 2 << 20,
-        ..wat_spec(dir.path(), "hog", "grow")
-    };
+    let spec = PluginSpec { memory_limit_bytes: 2 << 20, ..wat_spec(dir.path(), "hog", "grow") };
     let host = load(vec![spec]).await;
 
     for _ in 0..2 {
         let verdicts = host.on_message(&text_message("hi")).await;
-        assert_eq!(
-            summary(&verdicts),
-            vec![("hog", &Err(CallError::MemoryLimit))]
-        );
+        assert_eq!(summary(&verdicts), vec![("hog", &Err(CallError::MemoryLimit))]);
     }
 }
 
@@ -172,10 +143,7 @@ async fn a_plugin_reported_error_is_passed_on() {
     let host = load(vec![wat_spec(dir.path(), "failing", "failing")]).await;
 
     let verdicts = host.on_message(&text_message("hi")).await;
-    assert_eq!(
-        verdicts[0].result,
-        Err(CallError::PluginError("internal: broken".to_string()))
-    );
+    assert_eq!(verdicts[0].result, Err(CallError::PluginError("internal: broken".to_string())));
 }
 
 #[tokio::test]
@@ -204,10 +172,7 @@ async fn load_error(id: &str, path: &Path) -> PluginError {
     };
     let text = err.to_string();
     assert!(text.contains(id), "error does not name the plugin: {text}");
-    assert!(
-        text.contains(&path.display().to_string()),
-        "error does not name the path: {text}"
-    );
+    assert!(text.contains(&path.display().to_string()), "error does not name the path: {text}");
     err
 }
 
@@ -216,28 +181,15 @@ async fn a_missing_or_garbage_file_fails_the_load_naming_plugin_and_path() {
     let dir = tempfile::tempdir().expect("temp dir");
 
     let missing = dir.path().join("missing.wasm");
-    assert!(matches!(
-        load_error("ghost", &missing).await,
-        PluginError::Read { .. }
-    ));
+    assert!(matches!(load_error("ghost", &missing).await, PluginError::Read { .. }));
 
     let garbage = dir.path().join("garbage.wasm");
     std::fs::write(&garbage, b"this is not wasm").expect("write garbage");
-    assert!(matches!(
-        load_error("junk", &garbage).await,
-        PluginError::Compile { .. }
-    ));
+    assert!(matches!(load_error("junk", &garbage).await, PluginError::Compile { .. }));
 
     let empty_component = dir.path().join("empty.wasm");
-    std::fs::write(
-        &empty_component,
-        wat::parse_str("(component)").expect("wat"),
-    )
-    .expect("write");
-    assert!(matches!(
-        load_error("hollow", &empty_component).await,
-        PluginError::Link { .. }
-    ));
+    std::fs::write(&empty_component, wat::parse_str("(component)").expect("wat")).expect("write");
+    assert!(matches!(load_error("hollow", &empty_component).await, PluginError::Link { .. }));
 }
 
 /// Compiled entries in the cache (wasmtime names them by hash, without an extension; its
@@ -271,16 +223,11 @@ async fn the_compile_cache_is_reused_and_a_corrupt_entry_is_rebuilt() {
     assert_eq!(entries.len(), 1, "{entries:?}");
     let entry = &entries[0];
     let first = std::fs::read(entry).expect("read entry");
-    let first_mtime = std::fs::metadata(entry)
-        .and_then(|m| m.modified())
-        .expect("mtime");
+    let first_mtime = std::fs::metadata(entry).and_then(|m| m.modified()).expect("mtime");
     #[cfg(unix)]
     {
         use std::os::unix::fs::PermissionsExt;
-        let mode = std::fs::metadata(&cache)
-            .expect("cache dir")
-            .permissions()
-            .mode();
+        let mode = std::fs::metadata(&cache).expect("cache dir").permissions().mode();
         assert_eq!(mode & 0o777, 0o700);
     }
 
@@ -289,21 +236,13 @@ async fn the_compile_cache_is_reused_and_a_corrupt_entry_is_rebuilt() {
     assert!(host.on_message(&text_message("hi")).await[0].result.is_ok());
     drop(host);
     assert_eq!(cache_entries(&cache), entries);
-    assert_eq!(
-        std::fs::metadata(entry)
-            .and_then(|m| m.modified())
-            .expect("mtime"),
-        first_mtime
-    );
+    assert_eq!(std::fs::metadata(entry).and_then(|m| m.modified()).expect("mtime"), first_mtime);
 
     // A corrupt entry is not fatal: the plugin is recompiled and the entry rewritten.
     std::fs::write(entry, b"corrupt").expect("corrupt the entry");
     let host = load_cached().await.expect("load over a corrupt entry");
     let verdicts = host.on_message(&text_message("hi")).await;
-    assert_eq!(
-        verdicts[0].result,
-        Ok(Decision::Reply(vec![text_draft("echo: hi")]))
-    );
+    assert_eq!(verdicts[0].result, Ok(Decision::Reply(vec![text_draft("echo: hi")])));
     let rebuilt = std::fs::read(entry).expect("read rebuilt entry");
     assert_ne!(rebuilt, b"corrupt");
     assert_eq!(rebuilt.len(), first.len());

@@ -19,25 +19,14 @@ async fn official_python_sdk_peer_gets_every_reply_in_order_and_drains_through_s
     let server_config = ServerConfig::default();
     let code = server_config.verification_code.clone();
     let world = World::start_with(server_config).await;
-    let daemon = Daemon::spawn(world.config(
-        Transport::Websocket,
-        vec![plugin("echo", echo_plugin_path())],
-    ));
+    let daemon =
+        Daemon::spawn(world.config(Transport::Websocket, vec![plugin("echo", echo_plugin_path())]));
 
     let base = world.server.base_url();
     let ws_base = base.replacen("http://", "ws://", 1);
     let child = tokio::process::Command::new(python)
         .arg(repo_root().join("tests/sdk/sdk_peer.py"))
-        .args([
-            "--api-base",
-            &base,
-            "--ws-base",
-            &ws_base,
-            "--agent",
-            AGENT,
-            "--code",
-            &code,
-        ])
+        .args(["--api-base", &base, "--ws-base", &ws_base, "--agent", AGENT, "--code", &code])
         .args(["--count", "20", "--offline", "3", "--timeout", "30"])
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -50,10 +39,7 @@ async fn official_python_sdk_peer_gets_every_reply_in_order_and_drains_through_s
         .expect("the SDK peer runs");
     let stdout = String::from_utf8_lossy(&output.stdout);
     let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(
-        output.status.success(),
-        "SDK peer failed:\n{stdout}\n{stderr}"
-    );
+    assert!(output.status.success(), "SDK peer failed:\n{stdout}\n{stderr}");
     let summary: serde_json::Value =
         serde_json::from_str(stdout.lines().last().unwrap_or("")).expect("summary line");
     assert_eq!(summary["live_replies"], 20);

@@ -20,9 +20,7 @@ const WAIT: Duration = Duration::from_secs(5);
 
 async fn start(config: ServerConfig) -> LocalServer {
     let listen: SocketAddr = "127.0.0.1:0".parse().expect("literal address");
-    LocalServer::start(config, listen)
-        .await
-        .expect("server starts")
+    LocalServer::start(config, listen).await.expect("server starts")
 }
 
 async fn start_default() -> LocalServer {
@@ -37,10 +35,7 @@ struct Api {
 
 impl Api {
     fn new(server: &LocalServer) -> Api {
-        Api {
-            http: reqwest::Client::new(),
-            base: server.base_url(),
-        }
+        Api { http: reqwest::Client::new(), base: server.base_url() }
     }
 
     async fn post(&self, key: Option<&str>, path: &str, body: Value) -> reqwest::Response {
@@ -102,9 +97,7 @@ impl Api {
     }
 
     async fn sync(&self, key: &str, query: &str) -> Vec<Value> {
-        let res = self
-            .get(Some(key), &format!("/v1/messages/sync{query}"))
-            .await;
+        let res = self.get(Some(key), &format!("/v1/messages/sync{query}")).await;
         assert_eq!(res.status(), StatusCode::OK);
         let rows: Value = res.json().await.expect("json");
         rows.as_array().expect("bare array").clone()
@@ -122,8 +115,7 @@ async fn pair(server: &LocalServer, api: &Api, a: &str, b: &str) -> (String, Str
     let key_a = server.seed_agent(a).await.expect("seed");
     let key_b = server.seed_agent(b).await.expect("seed");
     api.send_ok(&key_a, b, &format!("{a}-opens"), "hello").await;
-    api.send_ok(&key_b, a, &format!("{b}-answers"), "hi back")
-        .await;
+    api.send_ok(&key_b, a, &format!("{b}-answers"), "hi back").await;
     (key_a, key_b)
 }
 
@@ -131,18 +123,14 @@ async fn pair(server: &LocalServer, api: &Api, a: &str, b: &str) -> (String, Str
 
 async fn ws_connect(server: &LocalServer) -> Ws {
     let url = format!("ws://{}/v1/ws", server.local_addr());
-    let (ws, _) = tokio_tungstenite::connect_async(url)
-        .await
-        .expect("ws connects");
+    let (ws, _) = tokio_tungstenite::connect_async(url).await.expect("ws connects");
     ws
 }
 
 async fn ws_hello(server: &LocalServer, key: &str, caps: &[&str]) -> (Ws, Value) {
     let mut ws = ws_connect(server).await;
     let hello = json!({ "type": "hello", "api_key": key, "capabilities": caps });
-    ws.send(Message::Text(hello.to_string().into()))
-        .await
-        .expect("hello sent");
+    ws.send(Message::Text(hello.to_string().into())).await.expect("hello sent");
     let first = next_json(&mut ws).await.expect("a frame after hello");
     (ws, first)
 }
@@ -155,10 +143,7 @@ async fn next_json(ws: &mut Ws) -> Option<Value> {
 async fn next_json_within(ws: &mut Ws, wait: Duration) -> Option<Value> {
     let deadline = tokio::time::Instant::now() + wait;
     loop {
-        let msg = tokio::time::timeout_at(deadline, ws.next())
-            .await
-            .ok()??
-            .ok()?;
+        let msg = tokio::time::timeout_at(deadline, ws.next()).await.ok()??.ok()?;
         match msg {
             Message::Text(text) => return serde_json::from_str(text.as_str()).ok(),
             Message::Close(_) => return None,
@@ -171,10 +156,7 @@ async fn next_json_within(ws: &mut Ws, wait: Duration) -> Option<Value> {
 async fn close_frame(ws: &mut Ws) -> Option<(u16, String)> {
     let deadline = tokio::time::Instant::now() + WAIT;
     loop {
-        let msg = tokio::time::timeout_at(deadline, ws.next())
-            .await
-            .ok()??
-            .ok()?;
+        let msg = tokio::time::timeout_at(deadline, ws.next()).await.ok()??.ok()?;
         if let Message::Close(frame) = msg {
             return frame.map(|f| (u16::from(f.code), f.reason.to_string()));
         }
@@ -232,19 +214,10 @@ async fn register_refuses_taken_and_invalid_handles() {
     );
     for bad in ["Alice", "admin", "sync", "bob-", "a--b", "ab"] {
         let got = error_code(api.register(bad).await).await;
-        assert_eq!(
-            got,
-            (StatusCode::BAD_REQUEST, "INVALID_HANDLE".into()),
-            "{bad}"
-        );
+        assert_eq!(got, (StatusCode::BAD_REQUEST, "INVALID_HANDLE".into()), "{bad}");
     }
-    let res = api
-        .post(None, "/v1/register", json!({ "handle": "carol" }))
-        .await;
-    assert_eq!(
-        error_code(res).await,
-        (StatusCode::BAD_REQUEST, "VALIDATION_ERROR".into())
-    );
+    let res = api.post(None, "/v1/register", json!({ "handle": "carol" })).await;
+    assert_eq!(error_code(res).await, (StatusCode::BAD_REQUEST, "VALIDATION_ERROR".into()));
     server.shutdown().await;
 }
 
@@ -256,24 +229,15 @@ async fn verify_refuses_wrong_code_and_unknown_pending_id() {
 
     let body = json!({ "pending_id": pending["pending_id"], "code": "000000" });
     let res = api.post(None, "/v1/register/verify", body).await;
-    assert_eq!(
-        error_code(res).await,
-        (StatusCode::BAD_REQUEST, "INVALID_CODE".into())
-    );
+    assert_eq!(error_code(res).await, (StatusCode::BAD_REQUEST, "INVALID_CODE".into()));
 
     let body = json!({ "pending_id": "pnd_doesnotexist0", "code": "424242" });
     let res = api.post(None, "/v1/register/verify", body).await;
-    assert_eq!(
-        error_code(res).await,
-        (StatusCode::BAD_REQUEST, "EXPIRED".into())
-    );
+    assert_eq!(error_code(res).await, (StatusCode::BAD_REQUEST, "EXPIRED".into()));
 
     // The right code still works after one wrong attempt.
     let body = json!({ "pending_id": pending["pending_id"], "code": "424242" });
-    assert_eq!(
-        api.post(None, "/v1/register/verify", body).await.status(),
-        StatusCode::CREATED
-    );
+    assert_eq!(api.post(None, "/v1/register/verify", body).await.status(), StatusCode::CREATED);
     server.shutdown().await;
 }
 
@@ -285,10 +249,7 @@ async fn bad_or_missing_keys_get_the_401_envelope() {
         let res = api.get(key, "/v1/agents/me").await;
         assert_eq!(res.status(), StatusCode::UNAUTHORIZED);
         let body: Value = res.json().await.expect("json");
-        assert_eq!(
-            body,
-            json!({ "code": "UNAUTHORIZED", "message": "Invalid API key" })
-        );
+        assert_eq!(body, json!({ "code": "UNAUTHORIZED", "message": "Invalid API key" }));
     }
     let res = api
         .http
@@ -309,10 +270,7 @@ async fn common_http_behaviour() {
     let res = api.get(None, "/v1/health").await;
     assert_eq!(res.status(), StatusCode::OK);
     assert!(res.headers().contains_key("x-request-id"));
-    assert_eq!(
-        res.json::<Value>().await.expect("json"),
-        json!({ "status": "ok" })
-    );
+    assert_eq!(res.json::<Value>().await.expect("json"), json!({ "status": "ok" }));
 
     let res = api
         .http
@@ -329,12 +287,7 @@ async fn common_http_behaviour() {
     let res = api.get(None, "/v1/nothing-here").await;
     assert_eq!(res.status(), StatusCode::NOT_FOUND);
     assert_eq!(res.text().await.expect("text"), "404 Not Found");
-    let res = api
-        .http
-        .delete(format!("{}/v1/health", api.base))
-        .send()
-        .await
-        .expect("sent");
+    let res = api.http.delete(format!("{}/v1/health", api.base)).send().await.expect("sent");
     assert_eq!(res.status(), StatusCode::NOT_FOUND);
 
     let key = server.seed_agent("alice").await.expect("seed");
@@ -347,10 +300,7 @@ async fn common_http_behaviour() {
         .send()
         .await
         .expect("sent");
-    assert_eq!(
-        error_code(res).await,
-        (StatusCode::BAD_REQUEST, "VALIDATION_ERROR".into())
-    );
+    assert_eq!(error_code(res).await, (StatusCode::BAD_REQUEST, "VALIDATION_ERROR".into()));
     server.shutdown().await;
 }
 
@@ -369,11 +319,7 @@ async fn send_validation_and_addressing_errors() {
     assert_eq!(res.status(), StatusCode::BAD_REQUEST);
     let body: Value = res.json().await.expect("json");
     assert_eq!(body["code"], "VALIDATION_ERROR");
-    assert!(
-        body["details"]["formErrors"]
-            .as_array()
-            .is_some_and(|e| !e.is_empty())
-    );
+    assert!(body["details"]["formErrors"].as_array().is_some_and(|e| !e.is_empty()));
 
     let empty = json!({ "to": "bob", "client_msg_id": "2", "content": { "other": 1 } });
     let res = api.post(Some(&key), "/v1/messages", empty).await;
@@ -382,28 +328,16 @@ async fn send_validation_and_addressing_errors() {
 
     let long_id = "x".repeat(129);
     let res = api.send(&key, "bob", &long_id, "x").await;
-    assert_eq!(
-        error_code(res).await,
-        (StatusCode::BAD_REQUEST, "VALIDATION_ERROR".into())
-    );
+    assert_eq!(error_code(res).await, (StatusCode::BAD_REQUEST, "VALIDATION_ERROR".into()));
 
     let res = api.send(&key, "@alice", "3", "x").await;
-    assert_eq!(
-        error_code(res).await,
-        (StatusCode::BAD_REQUEST, "VALIDATION_ERROR".into())
-    );
+    assert_eq!(error_code(res).await, (StatusCode::BAD_REQUEST, "VALIDATION_ERROR".into()));
     let res = api.send(&key, "nobody", "4", "x").await;
-    assert_eq!(
-        error_code(res).await,
-        (StatusCode::NOT_FOUND, "AGENT_NOT_FOUND".into())
-    );
+    assert_eq!(error_code(res).await, (StatusCode::NOT_FOUND, "AGENT_NOT_FOUND".into()));
     let group =
         json!({ "conversation_id": "grp_abc", "client_msg_id": "5", "content": { "text": "x" } });
     let res = api.post(Some(&key), "/v1/messages", group).await;
-    assert_eq!(
-        error_code(res).await,
-        (StatusCode::NOT_FOUND, "GROUP_NOT_FOUND".into())
-    );
+    assert_eq!(error_code(res).await, (StatusCode::NOT_FOUND, "GROUP_NOT_FOUND".into()));
 
     // Unknown content keys are dropped, not refused.
     let extra =
@@ -414,11 +348,7 @@ async fn send_validation_and_addressing_errors() {
     assert_eq!(msg["content"], json!({ "text": "x" }));
     assert_eq!(msg["metadata"], json!({}));
     assert!(msg["id"].as_str().is_some_and(|id| id.starts_with("msg_")));
-    assert!(
-        msg["conversation_id"]
-            .as_str()
-            .is_some_and(|id| id.starts_with("conv_"))
-    );
+    assert!(msg["conversation_id"].as_str().is_some_and(|id| id.starts_with("conv_")));
     server.shutdown().await;
 }
 
@@ -455,11 +385,7 @@ async fn concurrent_sends_get_distinct_seqs_and_one_row_per_client_msg_id() {
     for i in 0..20 {
         let (api, alice) = (api.clone(), alice.clone());
         // Half of the requests reuse one client_msg_id; the rest are distinct.
-        let id = if i % 2 == 0 {
-            "shared".to_owned()
-        } else {
-            format!("own-{i}")
-        };
+        let id = if i % 2 == 0 { "shared".to_owned() } else { format!("own-{i}") };
         tasks.push(tokio::spawn(async move {
             let res = api.send(&alice, "bob", &id, "x").await;
             let status = res.status();
@@ -471,10 +397,7 @@ async fn concurrent_sends_get_distinct_seqs_and_one_row_per_client_msg_id() {
     let mut shared_ids = std::collections::HashSet::new();
     for task in tasks {
         let (status, body) = task.await.expect("joined");
-        assert!(
-            status == StatusCode::CREATED || status == StatusCode::OK,
-            "{status}"
-        );
+        assert!(status == StatusCode::CREATED || status == StatusCode::OK, "{status}");
         if body["client_msg_id"] == "shared" {
             shared_ids.insert(body["id"].as_str().expect("id").to_owned());
         }
@@ -503,10 +426,7 @@ async fn seq_counts_per_conversation() {
     let m2 = api.send_ok(&bob, "alice", "b1", "two").await;
     let m3 = api.send_ok(&alice, "bob", "a2", "three").await;
     let c1 = api.send_ok(&alice, "carol", "a3", "other thread").await;
-    assert_eq!(
-        [&m1["seq"], &m2["seq"], &m3["seq"]],
-        [&json!(1), &json!(2), &json!(3)]
-    );
+    assert_eq!([&m1["seq"], &m2["seq"], &m3["seq"]], [&json!(1), &json!(2), &json!(3)]);
     assert_eq!(m1["conversation_id"], m3["conversation_id"]);
     assert_eq!(c1["seq"], 1);
     assert_ne!(c1["conversation_id"], m1["conversation_id"]);
@@ -525,28 +445,19 @@ async fn content_cap_is_exactly_32768_bytes() {
     let fits = "x".repeat(32_768 - 11 - 2);
     let body = json!({ "to": "bob", "client_msg_id": "fits", "content": { "text": fits },
                        "metadata": {} });
-    assert_eq!(
-        api.post(Some(&alice), "/v1/messages", body).await.status(),
-        StatusCode::CREATED
-    );
+    assert_eq!(api.post(Some(&alice), "/v1/messages", body).await.status(), StatusCode::CREATED);
 
     // A body beyond the transport limit still gets the JSON error envelope.
     let huge = json!({ "to": "bob", "client_msg_id": "huge",
                        "content": { "text": "x".repeat(3 << 20) } });
     let res = api.post(Some(&alice), "/v1/messages", huge).await;
-    assert_eq!(
-        error_code(res).await,
-        (StatusCode::PAYLOAD_TOO_LARGE, "CONTENT_TOO_LARGE".into())
-    );
+    assert_eq!(error_code(res).await, (StatusCode::PAYLOAD_TOO_LARGE, "CONTENT_TOO_LARGE".into()));
 
     let too_big = "x".repeat(32_768 - 11 - 2 + 1);
     let body = json!({ "to": "bob", "client_msg_id": "too-big", "content": { "text": too_big },
                        "metadata": {} });
     let res = api.post(Some(&alice), "/v1/messages", body).await;
-    assert_eq!(
-        error_code(res).await,
-        (StatusCode::PAYLOAD_TOO_LARGE, "CONTENT_TOO_LARGE".into())
-    );
+    assert_eq!(error_code(res).await, (StatusCode::PAYLOAD_TOO_LARGE, "CONTENT_TOO_LARGE".into()));
     server.shutdown().await;
 }
 
@@ -572,11 +483,8 @@ async fn send_rate_limit_answers_429_with_retry_after() {
     let res = limited.expect("a burst of 50 hits a 3/s limit");
     // At most two buckets can be open during the burst, plus the send made by `pair`.
     assert!(created <= 6, "created {created} before the limit");
-    let retry_after: u64 = res.headers()["retry-after"]
-        .to_str()
-        .expect("ascii")
-        .parse()
-        .expect("integer");
+    let retry_after: u64 =
+        res.headers()["retry-after"].to_str().expect("ascii").parse().expect("integer");
     assert!(retry_after >= 1);
     assert_eq!(error_code(res).await.1, "RATE_LIMITED");
     server.shutdown().await;
@@ -585,10 +493,7 @@ async fn send_rate_limit_answers_429_with_retry_after() {
 #[tokio::test]
 async fn cold_threads_wait_for_a_reply_and_are_capped_per_day() {
     let clock = Clock::wall();
-    let mut config = ServerConfig {
-        clock: clock.clone(),
-        ..ServerConfig::default()
-    };
+    let mut config = ServerConfig { clock: clock.clone(), ..ServerConfig::default() };
     config.limits.cold_threads_per_day = 1;
     let server = start(config).await;
     let api = Api::new(&server);
@@ -607,10 +512,7 @@ async fn cold_threads_wait_for_a_reply_and_are_capped_per_day() {
     // A second unanswered conversation exceeds the cap of 1 per day.
     let res = api.send(&alice, "carol", "a3", "hi carol").await;
     assert!(!res.headers().contains_key("retry-after"));
-    assert_eq!(
-        error_code(res).await,
-        (StatusCode::TOO_MANY_REQUESTS, "RATE_LIMITED".into())
-    );
+    assert_eq!(error_code(res).await, (StatusCode::TOO_MANY_REQUESTS, "RATE_LIMITED".into()));
 
     // Bob's reply establishes the thread and frees the slot.
     api.send_ok(&bob, "alice", "b1", "hey").await;
@@ -637,12 +539,7 @@ async fn backlog_warns_then_refuses() {
     // Bob holds 1 stored envelope (alice's opener); acking it makes the count predictable.
     let rows = api.sync(&bob, "").await;
     let last = rows.last().expect("one row")["delivery_id"].clone();
-    api.post(
-        Some(&bob),
-        "/v1/messages/sync/ack",
-        json!({ "last_delivery_id": last }),
-    )
-    .await;
+    api.post(Some(&bob), "/v1/messages/sync/ack", json!({ "last_delivery_id": last })).await;
 
     let first = api.send(&alice, "bob", "m1", "x").await;
     assert!(!first.headers().contains_key("x-backlog-warning"));
@@ -653,10 +550,7 @@ async fn backlog_warns_then_refuses() {
     assert_eq!(res.status(), StatusCode::TOO_MANY_REQUESTS);
     let body: Value = res.json().await.expect("json");
     assert_eq!(body["code"], "RECIPIENT_BACKLOGGED");
-    assert_eq!(
-        body["details"],
-        json!({ "recipient_handle": "bob", "undelivered_count": 3 })
-    );
+    assert_eq!(body["details"], json!({ "recipient_handle": "bob", "undelivered_count": 3 }));
     server.shutdown().await;
 }
 
@@ -689,58 +583,27 @@ async fn sync_pages_with_after_and_ack_counts_rows() {
     // Sync is non-destructive.
     assert_eq!(api.sync(&bob, "").await.len(), 5);
 
-    let res = api
-        .post(
-            Some(&bob),
-            "/v1/messages/sync/ack",
-            json!({ "last_delivery_id": cursor }),
-        )
-        .await;
-    assert_eq!(
-        res.json::<Value>().await.expect("json"),
-        json!({ "acked": 2 })
-    );
-    let res = api
-        .post(
-            Some(&bob),
-            "/v1/messages/sync/ack",
-            json!({ "last_delivery_id": cursor }),
-        )
-        .await;
-    assert_eq!(
-        res.json::<Value>().await.expect("json"),
-        json!({ "acked": 0 })
-    );
+    let res =
+        api.post(Some(&bob), "/v1/messages/sync/ack", json!({ "last_delivery_id": cursor })).await;
+    assert_eq!(res.json::<Value>().await.expect("json"), json!({ "acked": 2 }));
+    let res =
+        api.post(Some(&bob), "/v1/messages/sync/ack", json!({ "last_delivery_id": cursor })).await;
+    assert_eq!(res.json::<Value>().await.expect("json"), json!({ "acked": 0 }));
     assert_eq!(api.sync(&bob, "").await.len(), 3);
 
     // Alice cannot use Bob's cursor, and a malformed one restarts nothing.
-    assert!(
-        api.sync(&alice, &format!("?after={cursor}"))
-            .await
-            .is_empty()
-    );
+    assert!(api.sync(&alice, &format!("?after={cursor}")).await.is_empty());
     assert!(api.sync(&bob, "?after=del_nothex").await.is_empty());
     let res = api
-        .post(
-            Some(&alice),
-            "/v1/messages/sync/ack",
-            json!({ "last_delivery_id": cursor }),
-        )
+        .post(Some(&alice), "/v1/messages/sync/ack", json!({ "last_delivery_id": cursor }))
         .await;
-    assert_eq!(
-        res.json::<Value>().await.expect("json"),
-        json!({ "acked": 0 })
-    );
+    assert_eq!(res.json::<Value>().await.expect("json"), json!({ "acked": 0 }));
 
     for bad in ["?limit=0", "?limit=abc", "?limit=1.5"] {
-        let res = api
-            .get(Some(&bob), &format!("/v1/messages/sync{bad}"))
-            .await;
+        let res = api.get(Some(&bob), &format!("/v1/messages/sync{bad}")).await;
         assert_eq!(res.status(), StatusCode::BAD_REQUEST, "{bad}");
     }
-    let res = api
-        .post(Some(&bob), "/v1/messages/sync/ack", json!({}))
-        .await;
+    let res = api.post(Some(&bob), "/v1/messages/sync/ack", json!({})).await;
     assert_eq!(res.status(), StatusCode::BAD_REQUEST);
     server.shutdown().await;
 }
@@ -756,25 +619,14 @@ async fn history_pages_before_and_after_seq() {
     }
     let conv = conv.as_str().expect("conversation id").to_owned();
     let seqs = |rows: &Value| -> Vec<i64> {
-        rows.as_array()
-            .expect("array")
-            .iter()
-            .filter_map(|r| r["seq"].as_i64())
-            .collect()
+        rows.as_array().expect("array").iter().filter_map(|r| r["seq"].as_i64()).collect()
     };
 
-    let newest: Value = api
-        .get(Some(&alice), &format!("/v1/messages/{conv}"))
-        .await
-        .json()
-        .await
-        .expect("json");
+    let newest: Value =
+        api.get(Some(&alice), &format!("/v1/messages/{conv}")).await.json().await.expect("json");
     assert_eq!(seqs(&newest), vec![6, 5, 4, 3, 2, 1]);
     let before: Value = api
-        .get(
-            Some(&bob),
-            &format!("/v1/messages/{conv}?before_seq=4&limit=2"),
-        )
+        .get(Some(&bob), &format!("/v1/messages/{conv}?before_seq=4&limit=2"))
         .await
         .json()
         .await
@@ -791,24 +643,13 @@ async fn history_pages_before_and_after_seq() {
     assert_eq!(after[0]["status"], "stored");
     assert!(after[0]["delivery_id"].is_string());
 
-    let res = api
-        .get(
-            Some(&bob),
-            &format!("/v1/messages/{conv}?after_seq=1&before_seq=3"),
-        )
-        .await;
+    let res = api.get(Some(&bob), &format!("/v1/messages/{conv}?after_seq=1&before_seq=3")).await;
     assert_eq!(res.status(), StatusCode::BAD_REQUEST);
     let carol = server.seed_agent("carol").await.expect("seed");
     let res = api.get(Some(&carol), &format!("/v1/messages/{conv}")).await;
-    assert_eq!(
-        error_code(res).await,
-        (StatusCode::FORBIDDEN, "FORBIDDEN".into())
-    );
+    assert_eq!(error_code(res).await, (StatusCode::FORBIDDEN, "FORBIDDEN".into()));
     let res = api.get(Some(&carol), "/v1/messages/conv_unknown").await;
-    assert_eq!(
-        error_code(res).await,
-        (StatusCode::FORBIDDEN, "FORBIDDEN".into())
-    );
+    assert_eq!(error_code(res).await, (StatusCode::FORBIDDEN, "FORBIDDEN".into()));
     server.shutdown().await;
 }
 
@@ -824,17 +665,10 @@ async fn mark_read_updates_the_envelope_and_tells_the_sender() {
     let (mut alice_ws, ok) = ws_hello(&server, &alice, &[]).await;
     assert_eq!(ok["type"], "hello.ok");
 
-    let res = api
-        .post(Some(&alice), &format!("/v1/messages/{id}/read"), json!({}))
-        .await;
-    assert_eq!(
-        error_code(res).await,
-        (StatusCode::NOT_FOUND, "MESSAGE_NOT_FOUND".into())
-    );
+    let res = api.post(Some(&alice), &format!("/v1/messages/{id}/read"), json!({})).await;
+    assert_eq!(error_code(res).await, (StatusCode::NOT_FOUND, "MESSAGE_NOT_FOUND".into()));
 
-    let res = api
-        .post(Some(&bob), &format!("/v1/messages/{id}/read"), json!({}))
-        .await;
+    let res = api.post(Some(&bob), &format!("/v1/messages/{id}/read"), json!({})).await;
     assert_eq!(res.status(), StatusCode::OK);
     let read: Value = res.json().await.expect("json");
     assert_eq!(read["status"], "read");
@@ -853,10 +687,8 @@ async fn hidden_messages_leave_only_the_callers_history() {
     let api = Api::new(&server);
     let (alice, bob) = pair(&server, &api, "alice", "bob").await;
     let msg = api.send_ok(&alice, "bob", "m3", "oops").await;
-    let (id, conv) = (
-        msg["id"].as_str().expect("id"),
-        msg["conversation_id"].as_str().expect("conv"),
-    );
+    let (id, conv) =
+        (msg["id"].as_str().expect("id"), msg["conversation_id"].as_str().expect("conv"));
 
     let res = api
         .http
@@ -866,18 +698,10 @@ async fn hidden_messages_leave_only_the_callers_history() {
         .await
         .expect("sent");
     assert_eq!(res.status(), StatusCode::OK);
-    let bob_view: Value = api
-        .get(Some(&bob), &format!("/v1/messages/{conv}"))
-        .await
-        .json()
-        .await
-        .expect("json");
-    let alice_view: Value = api
-        .get(Some(&alice), &format!("/v1/messages/{conv}"))
-        .await
-        .json()
-        .await
-        .expect("json");
+    let bob_view: Value =
+        api.get(Some(&bob), &format!("/v1/messages/{conv}")).await.json().await.expect("json");
+    let alice_view: Value =
+        api.get(Some(&alice), &format!("/v1/messages/{conv}")).await.json().await.expect("json");
     assert_eq!(bob_view.as_array().map(Vec::len), Some(2));
     assert_eq!(alice_view.as_array().map(Vec::len), Some(3));
     server.shutdown().await;
@@ -891,12 +715,7 @@ async fn conversation_list_shows_the_counterparty_and_last_message() {
     server.seed_agent("carol").await.expect("seed");
     api.send_ok(&alice, "carol", "c1", "newest thread").await;
 
-    let list: Value = api
-        .get(Some(&alice), "/v1/conversations")
-        .await
-        .json()
-        .await
-        .expect("json");
+    let list: Value = api.get(Some(&alice), "/v1/conversations").await.json().await.expect("json");
     let list = list.as_array().expect("bare array");
     assert_eq!(list.len(), 2);
     assert_eq!(list[0]["participants"][0]["handle"], "carol");
@@ -915,9 +734,7 @@ async fn ws_sends_hello_ok_first_then_drains_stored_messages() {
     let api = Api::new(&server);
     let alice = server.seed_agent("alice").await.expect("seed");
     let bob = server.seed_agent("bob").await.expect("seed");
-    let stored = api
-        .send_ok(&alice, "bob", "m1", "while you were away")
-        .await;
+    let stored = api.send_ok(&alice, "bob", "m1", "while you were away").await;
 
     let (mut ws, first) = ws_hello(&server, &bob, &[]).await;
     assert_eq!(first, json!({ "type": "hello.ok" }));
@@ -949,20 +766,9 @@ async fn ws_pushes_live_messages_to_every_recipient_socket_only() {
         assert_eq!(frame["payload"], sent);
     }
     // A replay is not pushed again, and the sender's socket gets nothing.
-    assert_eq!(
-        api.send(&alice, "bob", "live-1", "now").await.status(),
-        StatusCode::OK
-    );
-    assert!(
-        next_json_within(&mut bob_ws1, Duration::from_millis(300))
-            .await
-            .is_none()
-    );
-    assert!(
-        next_json_within(&mut alice_ws, Duration::from_millis(300))
-            .await
-            .is_none()
-    );
+    assert_eq!(api.send(&alice, "bob", "live-1", "now").await.status(), StatusCode::OK);
+    assert!(next_json_within(&mut bob_ws1, Duration::from_millis(300)).await.is_none());
+    assert!(next_json_within(&mut alice_ws, Duration::from_millis(300)).await.is_none());
     server.shutdown().await;
 }
 
@@ -975,66 +781,38 @@ async fn ws_authenticates_with_an_upgrade_header_without_hello_ok() {
     api.send_ok(&alice, "bob", "m1", "x").await;
 
     use tokio_tungstenite::tungstenite::client::IntoClientRequest;
-    let mut req = format!("ws://{}/v1/ws", server.local_addr())
-        .into_client_request()
-        .expect("request");
-    req.headers_mut().insert(
-        "authorization",
-        format!("Bearer {bob}").parse().expect("header"),
-    );
-    let (mut ws, _) = tokio_tungstenite::connect_async(req)
-        .await
-        .expect("connects");
+    let mut req =
+        format!("ws://{}/v1/ws", server.local_addr()).into_client_request().expect("request");
+    req.headers_mut().insert("authorization", format!("Bearer {bob}").parse().expect("header"));
+    let (mut ws, _) = tokio_tungstenite::connect_async(req).await.expect("connects");
     let first = next_json(&mut ws).await.expect("frame");
     assert_eq!(first["type"], "message.new");
 
-    let mut req = format!("ws://{}/v1/ws", server.local_addr())
-        .into_client_request()
-        .expect("request");
-    req.headers_mut()
-        .insert("authorization", "Bearer ac_wrong".parse().expect("header"));
-    let (mut ws, _) = tokio_tungstenite::connect_async(req)
-        .await
-        .expect("connects");
-    assert_eq!(
-        close_frame(&mut ws).await,
-        Some((1008, "Invalid token".into()))
-    );
+    let mut req =
+        format!("ws://{}/v1/ws", server.local_addr()).into_client_request().expect("request");
+    req.headers_mut().insert("authorization", "Bearer ac_wrong".parse().expect("header"));
+    let (mut ws, _) = tokio_tungstenite::connect_async(req).await.expect("connects");
+    assert_eq!(close_frame(&mut ws).await, Some((1008, "Invalid token".into())));
     server.shutdown().await;
 }
 
 #[tokio::test]
 async fn ws_closes_1008_on_bad_key_wrong_first_frame_and_missing_hello() {
-    let config = ServerConfig {
-        hello_timeout: Duration::from_millis(200),
-        ..ServerConfig::default()
-    };
+    let config =
+        ServerConfig { hello_timeout: Duration::from_millis(200), ..ServerConfig::default() };
     let server = start(config).await;
 
     let mut ws = ws_connect(&server).await;
     let hello = json!({ "type": "hello", "api_key": "ac_bad" });
-    ws.send(Message::Text(hello.to_string().into()))
-        .await
-        .expect("sent");
-    assert_eq!(
-        close_frame(&mut ws).await,
-        Some((1008, "Invalid token".into()))
-    );
+    ws.send(Message::Text(hello.to_string().into())).await.expect("sent");
+    assert_eq!(close_frame(&mut ws).await, Some((1008, "Invalid token".into())));
 
     let mut ws = ws_connect(&server).await;
-    ws.send(Message::Text(r#"{"type":"ack"}"#.into()))
-        .await
-        .expect("sent");
-    assert_eq!(
-        close_frame(&mut ws).await,
-        Some((1008, "HELLO frame required first".into()))
-    );
+    ws.send(Message::Text(r#"{"type":"ack"}"#.into())).await.expect("sent");
+    assert_eq!(close_frame(&mut ws).await, Some((1008, "HELLO frame required first".into())));
 
     let mut ws = ws_connect(&server).await;
-    assert_eq!(
-        close_frame(&mut ws).await,
-        Some((1008, "HELLO frame required".into()))
-    );
+    assert_eq!(close_frame(&mut ws).await, Some((1008, "HELLO frame required".into())));
     server.shutdown().await;
 }
 
@@ -1059,9 +837,7 @@ async fn ws_ack_mode_keeps_envelopes_stored_until_acked() {
     assert_eq!(frame["payload"]["id"], msg["id"]);
     // The server answers a client close, completing the handshake.
     ws.close(None).await.expect("close sent");
-    let reply = tokio::time::timeout(WAIT, ws.next())
-        .await
-        .expect("reply in time");
+    let reply = tokio::time::timeout(WAIT, ws.next()).await.expect("reply in time");
     assert!(matches!(reply, Some(Ok(Message::Close(_)))), "{reply:?}");
 
     let (mut ws, _) = ws_hello(&server, &bob, &["ack"]).await;
@@ -1070,9 +846,7 @@ async fn ws_ack_mode_keeps_envelopes_stored_until_acked() {
     assert_eq!(api.sync(&bob, "").await.len(), 1);
 
     let ack = json!({ "type": "ack", "message_id": msg["id"] });
-    ws.send(Message::Text(ack.to_string().into()))
-        .await
-        .expect("ack sent");
+    ws.send(Message::Text(ack.to_string().into())).await.expect("ack sent");
     assert_eq!(wait_for_sync_len(&api, &bob, 0).await, 0);
     server.shutdown().await;
 }
@@ -1094,13 +868,8 @@ impl RawWs {
              Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\
              Sec-WebSocket-Version: 13\r\n\r\n"
         );
-        tcp.write_all(request.as_bytes())
-            .await
-            .expect("upgrade sent");
-        let mut raw = RawWs {
-            tcp,
-            buf: Vec::new(),
-        };
+        tcp.write_all(request.as_bytes()).await.expect("upgrade sent");
+        let mut raw = RawWs { tcp, buf: Vec::new() };
         let head_end = loop {
             if let Some(pos) = raw.buf.windows(4).position(|w| w == b"\r\n\r\n") {
                 break pos + 4;
@@ -1139,12 +908,12 @@ impl RawWs {
     /// Next complete frame as (opcode, payload); `None` when the stream ends first.
     async fn next_frame(&mut self) -> Option<(u8, Vec<u8>)> {
         loop {
-            if let Some((opcode, start, len)) = self.frame_header() {
-                if self.buf.len() >= start + len {
-                    let payload = self.buf[start..start + len].to_vec();
-                    self.buf.drain(..start + len);
-                    return Some((opcode, payload));
-                }
+            if let Some((opcode, start, len)) = self.frame_header()
+                && self.buf.len() >= start + len
+            {
+                let payload = self.buf[start..start + len].to_vec();
+                self.buf.drain(..start + len);
+                return Some((opcode, payload));
             }
             if !self.fill().await {
                 return None;
@@ -1182,8 +951,7 @@ async fn ws_closes_1001_when_pings_go_unanswered() {
     let bob = server.seed_agent("bob").await.expect("seed");
 
     let mut ws = RawWs::connect(server.local_addr()).await;
-    ws.send_text(&json!({ "type": "hello", "api_key": bob }).to_string())
-        .await;
+    ws.send_text(&json!({ "type": "hello", "api_key": bob }).to_string()).await;
     let mut pings = 0;
     let mut hello_ok = false;
     let mut close = None;
@@ -1253,10 +1021,7 @@ async fn test_hook_and_shutdown_close_sockets_with_their_codes() {
         let (code, _) = close_frame(ws).await.expect("close frame");
         assert_eq!(CloseCode::from(code), CloseCode::Away);
     }
-    tokio::time::timeout(WAIT, shutdown)
-        .await
-        .expect("shutdown finishes")
-        .expect("joined");
+    tokio::time::timeout(WAIT, shutdown).await.expect("shutdown finishes").expect("joined");
 }
 
 #[tokio::test]
@@ -1274,15 +1039,10 @@ async fn dev_server_runs_until_cancelled_and_checks_its_code() {
     let token = CancellationToken::new();
     let task = tokio::spawn(run_dev_server(args.clone(), token.clone()));
     token.cancel();
-    let outcome = tokio::time::timeout(WAIT, task)
-        .await
-        .expect("stops in time");
+    let outcome = tokio::time::timeout(WAIT, task).await.expect("stops in time");
     assert!(outcome.expect("joined").is_ok());
 
-    let bad = DevServerArgs {
-        verification_code: "12".into(),
-        ..args
-    };
+    let bad = DevServerArgs { verification_code: "12".into(), ..args };
     assert!(run_dev_server(bad, CancellationToken::new()).await.is_err());
 }
 
@@ -1291,36 +1051,24 @@ async fn dev_server_runs_until_cancelled_and_checks_its_code() {
 #[tokio::test]
 async fn data_survives_a_restart_on_the_same_file() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let config = ServerConfig {
-        db_path: Some(dir.path().join("server.db")),
-        ..ServerConfig::default()
-    };
+    let config =
+        ServerConfig { db_path: Some(dir.path().join("server.db")), ..ServerConfig::default() };
 
     let server = start(config.clone()).await;
     let api = Api::new(&server);
     let alice = api.register_and_verify("alice").await;
     let bob = server.seed_agent("bob").await.expect("seed");
-    let sent = api
-        .send_ok(&alice, "bob", "before-restart", "persist me")
-        .await;
+    let sent = api.send_ok(&alice, "bob", "before-restart", "persist me").await;
     server.shutdown().await;
 
     let server = start(config).await;
     let api = Api::new(&server);
-    assert_eq!(
-        api.get(Some(&alice), "/v1/agents/me").await.status(),
-        StatusCode::OK
-    );
+    assert_eq!(api.get(Some(&alice), "/v1/agents/me").await.status(), StatusCode::OK);
     let rows = api.sync(&bob, "").await;
     assert_eq!(rows.len(), 1);
     assert_eq!(rows[0]["id"], sent["id"]);
     // The replay key survives too, and seq continues.
-    assert_eq!(
-        api.send(&alice, "bob", "before-restart", "again")
-            .await
-            .status(),
-        StatusCode::OK
-    );
+    assert_eq!(api.send(&alice, "bob", "before-restart", "again").await.status(), StatusCode::OK);
     let reply = api.send_ok(&bob, "alice", "after-restart", "hi").await;
     assert_eq!(reply["seq"], 2);
     server.shutdown().await;

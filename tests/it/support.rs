@@ -38,29 +38,16 @@ fn build_echo_plugin() -> PathBuf {
 
     let outcome = run_bounded(
         Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()))
-            .args([
-                "build",
-                "--release",
-                "--target",
-                "wasm32-wasip2",
-                "--manifest-path",
-            ])
+            .args(["build", "--release", "--target", "wasm32-wasip2", "--manifest-path"])
             .arg(root.join("plugins/Cargo.toml"))
             // The guest workspace keeps its own target dir even when the caller set another.
             .env("CARGO_TARGET_DIR", &guest_target),
         &log_path,
     );
     match outcome {
-        Ok(()) => assert!(
-            wasm.is_file(),
-            "the build passed but {} is missing",
-            wasm.display()
-        ),
+        Ok(()) => assert!(wasm.is_file(), "the build passed but {} is missing", wasm.display()),
         Err(why) if wasm.is_file() => {
-            eprintln!(
-                "echo plugin build failed ({why}); testing the existing {}",
-                wasm.display()
-            )
+            eprintln!("echo plugin build failed ({why}); testing the existing {}", wasm.display())
         }
         Err(why) => {
             let log = std::fs::read_to_string(&log_path).unwrap_or_default();
