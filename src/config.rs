@@ -28,7 +28,7 @@ const DEFAULT_MAX_ATTEMPTS: u32 = 12;
 /// Default first retry delay after a transient send failure.
 const DEFAULT_RETRY_INITIAL_MS: u64 = 500;
 /// Default slack added to the one-second pacing window, covering request travel-time jitter.
-const DEFAULT_WINDOW_MARGIN_MS: u64 = 40;
+const DEFAULT_WINDOW_MARGIN_MS: u64 = 25;
 
 /// A configuration problem, with the key and line that caused it.
 #[derive(Debug, thiserror::Error)]
@@ -195,6 +195,43 @@ pub struct Config {
     pub plugins: Vec<PluginConfig>,
     /// Log output as JSON lines instead of plain text.
     pub log_json: bool,
+}
+
+impl Config {
+    /// A config with every optional setting at its default: the WebSocket URL derived from
+    /// `api_base`, `auto` transport and no plugins.
+    pub fn new(api_base: &str, api_key: KeySource, state_dir: PathBuf) -> Self {
+        let api_base = api_base.trim_end_matches('/').to_owned();
+        Self {
+            ws_url: derive_ws_url(&api_base),
+            api_base,
+            api_key,
+            state_dir,
+            transport: Transport::Auto,
+            poll_interval: Duration::from_millis(DEFAULT_POLL_INTERVAL_MS),
+            requests_per_second: DEFAULT_REQUESTS_PER_SECOND,
+            window_margin: Duration::from_millis(DEFAULT_WINDOW_MARGIN_MS),
+            cold_threads_per_day: DEFAULT_COLD_THREADS_PER_DAY,
+            max_attempts: DEFAULT_MAX_ATTEMPTS,
+            retry_initial: Duration::from_millis(DEFAULT_RETRY_INITIAL_MS),
+            plugins: Vec::new(),
+            log_json: false,
+        }
+    }
+}
+
+impl PluginConfig {
+    /// A plugin entry with the default time budget and memory cap and an empty config.
+    pub fn new(id: &str, path: PathBuf) -> Self {
+        Self {
+            id: id.to_owned(),
+            path,
+            timeout: Duration::from_millis(DEFAULT_PLUGIN_TIMEOUT_MS),
+            memory_limit_bytes: usize::try_from(DEFAULT_PLUGIN_MEMORY_MIB << 20)
+                .unwrap_or(usize::MAX),
+            config_json: "{}".to_owned(),
+        }
+    }
 }
 
 // === raw file shape ===

@@ -60,27 +60,10 @@ pub async fn run(args: DemoArgs, shutdown: CancellationToken) -> anyhow::Result<
     std::fs::write(&key_file, &agent_key).context("while writing the agent's key file")?;
     println!("local AgentChat server on {}", server.base_url());
 
-    let config = Config {
-        api_base: server.base_url(),
-        ws_url: derive_ws_url(&server.base_url()),
-        api_key: KeySource::File(key_file),
-        state_dir: state.join("state"),
-        transport: Transport::Websocket,
-        poll_interval: Duration::from_secs(1),
-        requests_per_second: 60,
-        window_margin: Duration::from_millis(40),
-        cold_threads_per_day: 100,
-        max_attempts: 12,
-        retry_initial: Duration::from_millis(500),
-        plugins: vec![PluginConfig {
-            id: "echo".into(),
-            path: args.plugin.clone(),
-            timeout: Duration::from_millis(200),
-            memory_limit_bytes: 32 << 20,
-            config_json: "{}".into(),
-        }],
-        log_json: false,
-    };
+    let mut config =
+        Config::new(&server.base_url(), KeySource::File(key_file), state.join("state"));
+    config.transport = Transport::Websocket;
+    config.plugins = vec![PluginConfig::new("echo", args.plugin.clone())];
     let daemon_stop = shutdown.child_token();
     let daemon = tokio::spawn(service::run(config, daemon_stop.clone()));
 

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use agentchatd::client::{Client, Content, Message, SendRequest};
-use agentchatd::config::{ApiKey, Config, KeySource, PluginConfig, Transport, derive_ws_url};
+use agentchatd::config::{ApiKey, Config, KeySource, PluginConfig, Transport};
 use agentchatd::server::{LocalServer, ServerConfig};
 use agentchatd::service::{self, ServiceError};
 use tokio::task::JoinHandle;
@@ -104,32 +104,18 @@ pub fn daemon_config(
 ) -> Config {
     let key_file = dir.join("api-key");
     std::fs::write(&key_file, key).expect("write key");
-    Config {
-        api_base: base.to_owned(),
-        ws_url: derive_ws_url(base),
-        api_key: KeySource::File(key_file),
-        state_dir: dir.join("state"),
-        transport,
-        poll_interval: Duration::from_millis(50),
-        requests_per_second: 60,
-        window_margin: Duration::from_millis(40),
-        cold_threads_per_day: 100,
-        max_attempts: 12,
-        retry_initial: Duration::from_millis(500),
-        plugins,
-        log_json: false,
-    }
+    let mut config = Config::new(base, KeySource::File(key_file), dir.join("state"));
+    config.transport = transport;
+    config.poll_interval = Duration::from_millis(50);
+    config.plugins = plugins;
+    config
 }
 
 /// A plugin entry for the config.
 pub fn plugin(id: &str, path: PathBuf) -> PluginConfig {
-    PluginConfig {
-        id: id.into(),
-        path,
-        timeout: Duration::from_millis(500),
-        memory_limit_bytes: 32 << 20,
-        config_json: "{}".into(),
-    }
+    let mut plugin = PluginConfig::new(id, path);
+    plugin.timeout = Duration::from_millis(500);
+    plugin
 }
 
 /// A running daemon.
