@@ -21,6 +21,11 @@ const DEFAULT_PLUGIN_MEMORY_MIB: u64 = 32;
 const DEFAULT_POLL_INTERVAL_MS: u64 = 2_000;
 /// Default ceiling on the requests the daemon makes per second (the platform allows 60).
 const DEFAULT_REQUESTS_PER_SECOND: u32 = 60;
+/// Default time queued sends may still go out once a stop was asked for (below systemd's
+/// TimeoutStopSec=30 in the shipped unit).
+const DEFAULT_STOP_FLUSH_MS: u64 = 10_000;
+/// Default silence after which a loop counts as stalled.
+const DEFAULT_STALL_LIMIT_SECS: u64 = 60;
 /// Default number of new threads awaiting a reply allowed per rolling 24 h.
 const DEFAULT_COLD_THREADS_PER_DAY: u32 = 100;
 /// Default attempts of a failing send before it becomes a dead letter.
@@ -195,6 +200,12 @@ pub struct Config {
     pub plugins: Vec<PluginConfig>,
     /// Log output as JSON lines instead of plain text.
     pub log_json: bool,
+    /// Where `/metrics`, `/healthz` and `/readyz` are served; off when `None`.
+    pub ops_listen: Option<std::net::SocketAddr>,
+    /// On shutdown, how long queued sends may still go out after intake stopped.
+    pub stop_flush: Duration,
+    /// A loop silent for this long counts as stalled (watchdog pings and `/healthz` stop).
+    pub stall_limit: Duration,
 }
 
 impl Config {
@@ -216,6 +227,9 @@ impl Config {
             retry_initial: Duration::from_millis(DEFAULT_RETRY_INITIAL_MS),
             plugins: Vec::new(),
             log_json: false,
+            ops_listen: None,
+            stop_flush: Duration::from_millis(DEFAULT_STOP_FLUSH_MS),
+            stall_limit: Duration::from_secs(DEFAULT_STALL_LIMIT_SECS),
         }
     }
 }
@@ -248,6 +262,8 @@ struct RawConfig {
     outbox: Option<RawOutbox>,
     #[serde(default)]
     log: Option<RawLog>,
+    #[serde(default)]
+    service: Option<RawService>,
     #[serde(default)]
     plugins: Vec<Spanned<RawPlugin>>,
 }
@@ -298,6 +314,17 @@ struct RawOutbox {
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
+struct RawService {
+    #[serde(default)]
+    listen: Option<Spanned<String>>,
+    #[serde(default)]
+    stop_flush_ms: Option<Spanned<u64>>,
+    #[serde(default)]
+    stall_limit_secs: Option<Spanned<u64>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
 struct RawLog {
     #[serde(default)]
     format: Option<Spanned<String>>,
@@ -331,9 +358,16 @@ pub fn load(path: &Path) -> Result<Config, ConfigError> {
 /// # Errors
 /// When any key is missing, unknown or invalid.
 pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
-    let raw: RawConfig = toml::from_str(text).map_err(|err| ConfigError::Parse {
-        path: path.to_path_buf(),
-        message: err.to_string().trim_end().to_owned(),
+    // The parser's own rendering quotes the offending source line, which may hold a key
+    // pasted in by mistake; only its message and the line number are shown.
+    let raw: RawConfig = toml::from_str(text).map_err(|err| {
+        let at = err.span().map_or(0, |span| span.start);
+        let line = line_of(text, at);
+        let key = key_on_line(text, at).map(|key| format!(" `{key}`")).unwrap_or_default();
+        ConfigError::Parse {
+            path: path.to_path_buf(),
+            message: format!("line {line}{key}: {}", err.message().trim_end()),
+        }
     })?;
     let ctx = Ctx { text, path };
     let base_dir = path.parent().unwrap_or(Path::new("."));
@@ -360,6 +394,15 @@ pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
         }
         (None, Some(env)) => {
             ctx.non_empty("agent.api_key_env", env)?;
+            if !is_env_name(env.get_ref()) {
+                // Never echo the value: a key pasted here by mistake must not reach the logs.
+                return Err(ctx.invalid(
+                    "agent.api_key_env",
+                    env.span(),
+                    "must be the name of an environment variable (letters, digits and '_'), \
+                     not the key itself",
+                ));
+            }
             KeySource::Env(env.get_ref().clone())
         }
         (Some(file), Some(_)) => {
@@ -441,6 +484,30 @@ pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
         None => false,
     };
 
+    let service = raw.service.unwrap_or(RawService {
+        listen: None,
+        stop_flush_ms: None,
+        stall_limit_secs: None,
+    });
+    let ops_listen = match &service.listen {
+        Some(listen) => Some(listen.get_ref().trim().parse().map_err(|_| {
+            ctx.invalid(
+                "service.listen",
+                listen.span(),
+                "must be an address and port such as \"127.0.0.1:9477\"",
+            )
+        })?),
+        None => None,
+    };
+    let stop_flush_ms = match &service.stop_flush_ms {
+        Some(ms) => ctx.in_range("service.stop_flush_ms", ms, 0, 600_000)?,
+        None => DEFAULT_STOP_FLUSH_MS,
+    };
+    let stall_limit_secs = match &service.stall_limit_secs {
+        Some(secs) => ctx.in_range("service.stall_limit_secs", secs, 5, 3_600)?,
+        None => DEFAULT_STALL_LIMIT_SECS,
+    };
+
     let mut plugins: Vec<PluginConfig> = Vec::with_capacity(raw.plugins.len());
     for plugin in &raw.plugins {
         let plugin = ctx.plugin(plugin.get_ref(), base_dir)?;
@@ -470,6 +537,9 @@ pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
         retry_initial: Duration::from_millis(retry_initial_ms),
         plugins,
         log_json,
+        ops_listen,
+        stop_flush: Duration::from_millis(stop_flush_ms),
+        stall_limit: Duration::from_secs(stall_limit_secs),
     })
 }
 
@@ -483,6 +553,15 @@ pub fn derive_ws_url(api_base: &str) -> String {
     format!("{rest}/v1/ws")
 }
 
+/// Whether `name` can be an environment variable name.
+fn is_env_name(name: &str) -> bool {
+    let mut chars = name.chars();
+    // `ac_` starts every AgentChat key; no variable worth naming does.
+    !name.starts_with("ac_")
+        && chars.next().is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+        && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
+}
+
 fn resolve(base_dir: &Path, value: &str) -> PathBuf {
     let path = Path::new(value);
     if path.is_absolute() { path.to_path_buf() } else { base_dir.join(path) }
@@ -494,10 +573,26 @@ struct Ctx<'a> {
     path: &'a Path,
 }
 
+/// The bare key assigned on the line holding byte offset `at`, if the line is `key = …`.
+fn key_on_line(text: &str, at: usize) -> Option<&str> {
+    let at = at.min(text.len());
+    let start = text[..at].rfind('\n').map_or(0, |i| i + 1);
+    let line = text[start..].lines().next()?;
+    let key = line.split_once('=')?.0.trim();
+    let bare = !key.is_empty()
+        && key.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-' || c == '.');
+    bare.then_some(key)
+}
+
+/// 1-based line of byte offset `at` in `text`.
+fn line_of(text: &str, at: usize) -> usize {
+    let end = at.min(text.len());
+    text.as_bytes()[..end].iter().filter(|b| **b == b'\n').count() + 1
+}
+
 impl Ctx<'_> {
     fn line_of(&self, span: Range<usize>) -> usize {
-        let end = span.start.min(self.text.len());
-        self.text.as_bytes()[..end].iter().filter(|b| **b == b'\n').count() + 1
+        line_of(self.text, span.start)
     }
 
     fn invalid(&self, key: &str, span: Range<usize>, message: &str) -> ConfigError {
@@ -547,6 +642,14 @@ impl Ctx<'_> {
         let url = value.get_ref().trim().trim_end_matches('/');
         let host = url.strip_prefix("https://").or_else(|| url.strip_prefix("http://"));
         match host {
+            Some(host) if host.split('/').next().is_some_and(|auth| auth.contains('@')) => {
+                Err(self.invalid(
+                    key,
+                    value.span(),
+                    "must not carry credentials (user:password@); the API key goes in \
+                     `api_key_file` or `api_key_env`",
+                ))
+            }
             Some(host) if !host.is_empty() && !host.contains(char::is_whitespace) => {
                 Ok(url.to_owned())
             }

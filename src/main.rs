@@ -1,11 +1,13 @@
 //! The `agentchatd` command line: parses arguments, sets up logging and signals, and calls
-//! into the library. Exit codes: 0 stopped cleanly, 1 runtime failure, 77 credentials refused
-//! by the server, 78 configuration error.
+//! into the library. Exit codes: 0 stopped cleanly, 1 runtime failure, 75 another daemon holds
+//! the state directory, 77 credentials refused by the server, 78 configuration error.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use agentchatd::service::ServiceError;
+use agentchatd::ops::logging::{self, LogStyle};
+use agentchatd::ops::notify::{self, Notifier};
+use agentchatd::service::{Controls, ServiceError};
 use agentchatd::store::SendState;
 use agentchatd::{admin, config, service};
 use clap::{Parser, Subcommand};
@@ -13,6 +15,8 @@ use tokio_util::sync::CancellationToken;
 
 /// Exit code for credentials the server refused (EX_NOPERM).
 const EXIT_AUTH: u8 = 77;
+/// Exit code when another daemon holds the state directory (EX_TEMPFAIL).
+const EXIT_LOCKED: u8 = 75;
 /// Exit code for a configuration error (EX_CONFIG); systemd is told not to restart on it.
 const EXIT_CONFIG: u8 = 78;
 
@@ -137,9 +141,9 @@ where
     F: FnOnce(CancellationToken) -> Fut,
     Fut: std::future::Future<Output = anyhow::Result<()>>,
 {
-    init_logging(false);
+    logging::init(LogStyle::detect(false));
     let shutdown = CancellationToken::new();
-    if let Err(err) = install_signals(shutdown.clone()) {
+    if let Err(err) = install_signals(shutdown.clone(), None) {
         eprintln!("agentchatd: cannot install signal handlers: {err}");
         return ExitCode::FAILURE;
     }
@@ -217,9 +221,17 @@ fn run_daemon(path: &std::path::Path) -> ExitCode {
             return ExitCode::from(EXIT_CONFIG);
         }
     };
-    init_logging(config.log_json);
+    logging::init(LogStyle::detect(config.log_json));
+    let (notifier, watchdog) = match (Notifier::from_env(), notify::watchdog_interval()) {
+        (Ok(notifier), Ok(watchdog)) => (notifier, watchdog),
+        (Err(err), _) | (_, Err(err)) => {
+            eprintln!("agentchatd: systemd environment: {err}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
     let shutdown = CancellationToken::new();
-    if let Err(err) = install_signals(shutdown.clone()) {
+    let (reload_tx, reload_rx) = tokio::sync::mpsc::channel(1);
+    if let Err(err) = install_signals(shutdown.clone(), Some(reload_tx)) {
         eprintln!("agentchatd: cannot install signal handlers: {err}");
         return ExitCode::FAILURE;
     }
@@ -231,7 +243,14 @@ fn run_daemon(path: &std::path::Path) -> ExitCode {
         }
     };
     tracing::info!(version = env!("CARGO_PKG_VERSION"), config = %path.display(), "starting");
-    match runtime.block_on(service::run(config, shutdown)) {
+    let controls = Controls {
+        shutdown,
+        reload: Some(reload_rx),
+        config_path: Some(path.to_path_buf()),
+        notifier,
+        watchdog,
+    };
+    match runtime.block_on(service::run_with(config, controls)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
             tracing::error!(error = %err, "agentchatd stopped");
@@ -239,32 +258,36 @@ fn run_daemon(path: &std::path::Path) -> ExitCode {
             match err {
                 ServiceError::Config(_) => ExitCode::from(EXIT_CONFIG),
                 ServiceError::Auth(_) => ExitCode::from(EXIT_AUTH),
+                ServiceError::Locked(_) => ExitCode::from(EXIT_LOCKED),
                 _ => ExitCode::FAILURE,
             }
         }
     }
 }
 
-fn init_logging(json: bool) {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("AGENTCHATD_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
-    if json {
-        builder.json().init();
-    } else {
-        builder.init();
-    }
-}
-
 /// SIGTERM or SIGINT starts a graceful stop; a second one exits at once. Every state change is
 /// a committed SQLite transaction, so exiting mid-way loses nothing: unacknowledged messages
-/// are redelivered and queued sends resume on the next start.
-fn install_signals(shutdown: CancellationToken) -> std::io::Result<()> {
-    use signal_hook::consts::{SIGINT, SIGTERM};
-    let mut signals = signal_hook::iterator::Signals::new([SIGTERM, SIGINT])?;
+/// are redelivered and queued sends resume on the next start. SIGHUP asks for a reload when
+/// `reload` is given.
+fn install_signals(
+    shutdown: CancellationToken,
+    reload: Option<tokio::sync::mpsc::Sender<()>>,
+) -> std::io::Result<()> {
+    use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
+    let mut signals = signal_hook::iterator::Signals::new([SIGTERM, SIGINT, SIGHUP])?;
     std::thread::Builder::new().name("signals".into()).spawn(move || {
         let mut seen = 0;
         for signal in signals.forever() {
+            if signal == SIGHUP {
+                match &reload {
+                    // A reload already waiting covers this one too.
+                    Some(reload) => {
+                        let _ = reload.try_send(());
+                    }
+                    None => tracing::info!("SIGHUP ignored: nothing to reload"),
+                }
+                continue;
+            }
             seen += 1;
             if seen > 1 {
                 eprintln!("agentchatd: second signal {signal}, exiting now");

@@ -53,6 +53,9 @@ pub enum WsError {
     /// The connection could not be made or broke.
     #[error("websocket transport error: {0}")]
     Transport(#[from] tungstenite::Error),
+    /// The connection attempt as a whole took too long.
+    #[error("no websocket connection within {0:?}")]
+    ConnectTimeout(Duration),
     /// No `hello.ok` arrived in time.
     #[error("no hello.ok within {0:?}")]
     HelloTimeout(Duration),

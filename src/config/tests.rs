@@ -62,6 +62,7 @@ fn unknown_key_is_named_with_its_line() {
     let err = parse_str(&text).expect_err("unknown key").to_string();
     assert!(err.contains("poll_interval_secs"), "{err}");
     assert!(err.contains("line 11"), "{err}");
+    assert!(!err.contains("= 1"), "the source line is not quoted: {err}");
 }
 
 #[test]
@@ -135,4 +136,29 @@ fn empty_or_missing_key_file_is_an_error() {
     std::fs::write(&path, "  \n").expect("write key");
     let err = KeySource::File(path).load().expect_err("empty key");
     assert!(err.to_string().contains("empty"), "{err}");
+}
+
+#[test]
+fn a_key_pasted_into_the_wrong_place_is_never_echoed() {
+    let secret = "ac_SUPERSECRETvalue0123456789";
+    let typo =
+        GOOD.replace("api_key_env = \"AGENTCHAT_API_KEY\"", &format!("apikey = \"{secret}\""));
+    let err = parse_str(&typo).expect_err("unknown key").to_string();
+    assert!(err.contains("apikey") && !err.contains(secret), "{err}");
+
+    let junk = GOOD
+        .replace("api_key_env = \"AGENTCHAT_API_KEY\"", &format!("api_key = \"{secret}\" junk"));
+    let err = parse_str(&junk).expect_err("syntax").to_string();
+    assert!(!err.contains(secret), "{err}");
+
+    let as_env = GOOD.replace("AGENTCHAT_API_KEY", secret);
+    let message = check_invalid(&as_env, "agent.api_key_env", 4);
+    assert!(!message.contains(secret), "{message}");
+}
+
+#[test]
+fn credentials_in_the_api_url_are_refused() {
+    let text = GOOD.replace("http://127.0.0.1:8080/", "https://user:pass@api.example/");
+    let message = check_invalid(&text, "agent.api_base", 3);
+    assert!(!message.contains("pass@"), "{message}");
 }

@@ -14,13 +14,18 @@
 pub mod poll;
 pub mod websocket;
 
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
 
 use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
 
 use crate::client::{Content, Message, SendRequest};
+use crate::ops::http::OpsState;
+use crate::ops::metrics::Metrics;
 use crate::outbox::{new_send, now_ms, reply_key};
 use crate::plugins::{self, ContentKind, ConversationKind, Decision, Draft, PluginHost};
+use crate::service::INBOX_LOOP;
 use crate::store::{NewSend, Store, StoreError};
 
 /// Why the inbox stopped.
@@ -51,9 +56,12 @@ pub enum Handled {
 /// Runs plugins on inbound messages and records the outcome.
 pub struct Processor {
     store: Store,
-    plugins: Arc<PluginHost>,
+    /// The current plugin set; a reload swaps it, and a message already being handled keeps
+    /// the set it started with.
+    plugins: RwLock<Arc<PluginHost>>,
     me: String,
     outbox_wake: Arc<Notify>,
+    metrics: Arc<Metrics>,
 }
 
 impl Processor {
@@ -63,8 +71,19 @@ impl Processor {
         plugins: Arc<PluginHost>,
         me: String,
         outbox_wake: Arc<Notify>,
+        metrics: Arc<Metrics>,
     ) -> Self {
-        Self { store, plugins, me, outbox_wake }
+        Self { store, plugins: RwLock::new(plugins), me, outbox_wake, metrics }
+    }
+
+    /// Replaces the plugin set for the messages handled from now on.
+    pub fn swap_plugins(&self, plugins: Arc<PluginHost>) {
+        *self.plugins.write().unwrap_or_else(|p| p.into_inner()) = plugins;
+    }
+
+    /// The metrics this processor (and the inbox around it) updates.
+    pub fn metrics(&self) -> &Metrics {
+        &self.metrics
     }
 
     /// Handles one message: dedupe, plugins, then one transaction recording the message as
@@ -73,6 +92,7 @@ impl Processor {
     /// # Errors
     /// Only when the store fails; the message must then not be acknowledged.
     pub async fn handle(&self, message: &Message) -> Result<Handled, StoreError> {
+        self.metrics.messages_received.inc();
         if self.store.is_processed(&message.id).await? {
             tracing::debug!(message_id = %message.id, "duplicate message skipped");
             return Ok(Handled::Duplicate);
@@ -103,7 +123,8 @@ impl Processor {
         }
 
         let inbound = to_plugin_message(message);
-        let verdicts = self.plugins.on_message(&inbound).await;
+        let plugins = Arc::clone(&self.plugins.read().unwrap_or_else(|p| p.into_inner()));
+        let verdicts = plugins.on_message(&inbound).await;
         let mut sends: Vec<NewSend> = Vec::new();
         let mut outcome: Vec<String> = Vec::new();
         for verdict in verdicts {
@@ -154,6 +175,7 @@ impl Processor {
         if !fresh {
             return Ok(Handled::Duplicate);
         }
+        self.metrics.messages_processed.inc();
         if replies > 0 {
             self.outbox_wake.notify_one();
         }
@@ -212,12 +234,45 @@ fn reply_request(
         None => None,
     };
     let kind = if draft.text.is_none() && data.is_some() { "structured" } else { "text" };
+    let content = Content { text: draft.text, data, attachment_id: None };
+    // The platform measures JSON(content) + JSON(metadata); escaping can make a text that fits
+    // in bytes too large on the wire, and a send that is sure to be refused is not queued.
+    let wire_bytes = serde_json::to_string(&content).map_or(usize::MAX, |json| json.len()) + 2;
+    if wire_bytes > MAX_CONTENT_BYTES {
+        return Err(format!(
+            "reply is {wire_bytes} bytes as JSON; the platform accepts at most {MAX_CONTENT_BYTES}"
+        ));
+    }
     let request = SendRequest {
         to,
         conversation_id,
         client_msg_id: reply_key(&message.id, plugin, index),
         kind: kind.to_owned(),
-        content: Content { text: draft.text, data, attachment_id: None },
+        content,
     };
     Ok((request.client_msg_id.clone(), request))
+}
+
+/// The platform's cap on JSON(content) + JSON(metadata) of one message.
+const MAX_CONTENT_BYTES: usize = 32_768;
+
+/// How often a waiting inbox loop tells the heartbeat it is alive.
+const BEAT_EVERY: Duration = Duration::from_secs(5);
+
+/// Sleeps for `duration`, beating the inbox heartbeat so a long wait is not taken for a stall.
+/// Returns false when shutdown came first.
+async fn pause(duration: Duration, telemetry: &OpsState, shutdown: &CancellationToken) -> bool {
+    let until = tokio::time::Instant::now() + duration;
+    loop {
+        telemetry.heartbeat.beat(INBOX_LOOP);
+        let now = tokio::time::Instant::now();
+        if now >= until {
+            return true;
+        }
+        let step = (until - now).min(BEAT_EVERY);
+        tokio::select! {
+            () = shutdown.cancelled() => return false,
+            () = tokio::time::sleep(step) => {}
+        }
+    }
 }

@@ -10,9 +10,11 @@ use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
-use super::{InboxError, Processor};
+use super::{InboxError, Processor, pause as pause_beating};
 use crate::client::{ApiError, Client, Disposition, SyncRow};
+use crate::ops::http::OpsState;
 use crate::outbox::{Backoff, Priority, RateLimiter, now_ms};
+use crate::service::INBOX_LOOP;
 use crate::store::Store;
 
 /// Rows fetched per sync request (the Python SDK's page size).
@@ -30,6 +32,8 @@ pub struct Poller<'a> {
     pub limiter: &'a Arc<RateLimiter>,
     /// Pause after a short page.
     pub interval: Duration,
+    /// Heartbeat, readiness and metrics.
+    pub telemetry: &'a OpsState,
 }
 
 impl Poller<'_> {
@@ -43,22 +47,26 @@ impl Poller<'_> {
         let mut failures = 0u32;
         tracing::info!(interval_ms = self.interval.as_millis(), "inbox polling");
         while !shutdown.is_cancelled() {
+            self.telemetry.heartbeat.beat(INBOX_LOOP);
             let pause = match self.drain_once().await {
                 Ok(()) => {
                     failures = 0;
+                    self.telemetry.readiness.mark_ready(INBOX_LOOP);
+                    self.telemetry.metrics.set_connected(true);
                     self.interval
                 }
                 Err(PollError::Inbox(err)) => return Err(err),
                 Err(PollError::Api(err)) => {
+                    self.telemetry.readiness.mark_not_ready(INBOX_LOOP, format!("sync: {err}"));
+                    self.telemetry.metrics.set_connected(false);
                     failures += 1;
                     let pause = err.retry_after().unwrap_or_else(|| backoff.delay(failures));
                     tracing::warn!(error = %err, retry_in_ms = pause.as_millis(), "sync failed");
                     pause
                 }
             };
-            tokio::select! {
-                () = shutdown.cancelled() => break,
-                () = tokio::time::sleep(pause) => {}
+            if !pause_beating(pause, self.telemetry, shutdown).await {
+                break;
             }
         }
         Ok(())
@@ -91,6 +99,7 @@ impl Poller<'_> {
             if let Some(cursor) = last_done {
                 self.limiter.acquire(Priority::High).await;
                 let acked = self.client.ack(&cursor).await.map_err(api)?;
+                self.telemetry.metrics.messages_acked.inc_by(acked.acked);
                 tracing::debug!(acked = acked.acked, %cursor, "sync page acknowledged");
                 self.store.set_meta("sync_cursor", cursor).await.map_err(InboxError::from)?;
             } else if !page.is_empty() {

@@ -15,12 +15,16 @@ use std::time::Duration;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use super::{InboxError, Processor};
+use super::{BEAT_EVERY, InboxError, Processor, pause as pause_beating};
 use crate::client::ws::{self, Event, WsError, WsOptions};
 use crate::config::ApiKey;
+use crate::ops::http::OpsState;
 use crate::outbox::{Backoff, Priority, RateLimiter, now_ms};
+use crate::service::INBOX_LOOP;
 use crate::store::Store;
 
+/// Longest wait for the TCP, TLS and HELLO handshakes of one connection attempt.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
 /// A connection that lived this long resets the reconnect backoff.
 const STABLE_AFTER: Duration = Duration::from_secs(30);
 
@@ -49,6 +53,8 @@ pub struct WsInbox<'a> {
     pub options: WsOptions,
     /// Give up (and let the caller poll) when the server refuses the upgrade.
     pub allow_unsupported: bool,
+    /// Heartbeat, readiness and metrics.
+    pub telemetry: &'a OpsState,
 }
 
 impl WsInbox<'_> {
@@ -61,16 +67,26 @@ impl WsInbox<'_> {
             .expect("constant bounds are valid");
         let mut attempt = 0u32;
         loop {
+            self.telemetry.heartbeat.beat(INBOX_LOOP);
             self.limiter.acquire(Priority::Normal).await;
+            let connect = tokio::time::timeout(
+                CONNECT_TIMEOUT,
+                ws::connect(self.url, self.key, self.options),
+            );
             let connected = tokio::select! {
                 () = shutdown.cancelled() => return Ok(WsEnd::Shutdown),
-                connected = ws::connect(self.url, self.key, self.options) => connected,
+                connected = connect => connected.unwrap_or(Err(WsError::ConnectTimeout(CONNECT_TIMEOUT))),
             };
             let err = match connected {
                 Ok(conn) => {
                     tracing::info!(ack_mode = conn.ack_mode(), "inbox connected");
+                    self.telemetry.readiness.mark_ready(INBOX_LOOP);
+                    self.telemetry.metrics.set_connected(true);
                     let started = Instant::now();
-                    match self.serve(conn, shutdown).await? {
+                    let ended = self.serve(conn, shutdown).await;
+                    self.telemetry.metrics.set_connected(false);
+                    self.telemetry.readiness.mark_not_ready(INBOX_LOOP, "reconnecting");
+                    match ended? {
                         None => return Ok(WsEnd::Shutdown),
                         Some(err) => {
                             if started.elapsed() >= STABLE_AFTER {
@@ -92,12 +108,12 @@ impl WsInbox<'_> {
                 return Ok(WsEnd::Unsupported);
             }
             attempt = attempt.saturating_add(1);
+            self.telemetry.metrics.reconnects.inc();
             let pause = backoff.delay(attempt);
             let retry_in_ms = pause.as_millis();
             tracing::warn!(error = %err, attempt, retry_in_ms, "inbox disconnected");
-            tokio::select! {
-                () = shutdown.cancelled() => return Ok(WsEnd::Shutdown),
-                () = tokio::time::sleep(pause) => {}
+            if !pause_beating(pause, self.telemetry, shutdown).await {
+                return Ok(WsEnd::Shutdown);
             }
         }
     }
@@ -108,12 +124,15 @@ impl WsInbox<'_> {
         mut conn: ws::Connection,
         shutdown: &CancellationToken,
     ) -> Result<Option<WsError>, InboxError> {
+        let mut beat = tokio::time::interval(BEAT_EVERY);
         loop {
+            self.telemetry.heartbeat.beat(INBOX_LOOP);
             let event = tokio::select! {
                 () = shutdown.cancelled() => {
                     conn.close().await;
                     return Ok(None);
                 }
+                _ = beat.tick() => continue,
                 event = conn.next_event() => event,
             };
             match event {
@@ -122,6 +141,9 @@ impl WsInbox<'_> {
                     self.processor.handle(&message).await?;
                     if let Err(err) = conn.ack(&message.id).await {
                         return Ok(Some(err));
+                    }
+                    if conn.ack_mode() {
+                        self.telemetry.metrics.messages_acked.inc();
                     }
                 }
                 Ok(Event::Other(kind)) => tracing::debug!(%kind, "websocket event ignored"),

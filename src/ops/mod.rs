@@ -6,6 +6,7 @@
 //!   [`health::Readiness`] conditions that make it ready.
 //! - [`watchdog`]: pings systemd's watchdog only while every loop beats.
 //! - [`lock`]: one daemon per state directory.
+//! - [`logging`]: terminal, journald or JSON log lines.
 //! - [`metrics`]: the `agentchatd_*` metrics in the Prometheus text format.
 //! - [`http`]: `/metrics`, `/healthz` and `/readyz` on a local address.
 //!
@@ -15,6 +16,7 @@
 pub mod health;
 pub mod http;
 pub mod lock;
+pub mod logging;
 pub mod metrics;
 pub mod notify;
 pub mod watchdog;

@@ -37,6 +37,9 @@ use tokio_util::sync::CancellationToken;
 pub use pacing::{Backoff, InvalidBackoff, Priority, RateLimiter};
 
 use crate::client::{ApiError, Client, Disposition, ErrorCode, SendRequest};
+use crate::ops::health::{Heartbeat, Readiness};
+use crate::ops::http::OpsState;
+use crate::service::OUTBOX_LOOP;
 use crate::store::{NewSend, PeerState, PendingSend, Store, StoreError};
 
 /// Default attempts of a send that keeps failing for transient reasons before it is
@@ -222,6 +225,8 @@ pub struct Outbox {
     gate_lock: tokio::sync::Mutex<()>,
     /// Consecutive backlog refusals per recipient.
     backlogged: Mutex<HashMap<String, u32>>,
+    /// Heartbeat and metrics of the running daemon.
+    telemetry: OpsState,
 }
 
 impl Outbox {
@@ -249,7 +254,19 @@ impl Outbox {
             opening: AtomicUsize::new(0),
             gate_lock: tokio::sync::Mutex::new(()),
             backlogged: Mutex::default(),
+            telemetry: OpsState {
+                metrics: Arc::default(),
+                heartbeat: Heartbeat::new(Duration::from_secs(60)),
+                readiness: Readiness::new([]),
+            },
         }
+    }
+
+    /// Reports to the daemon's heartbeat and metrics instead of private ones.
+    #[must_use]
+    pub fn with_telemetry(mut self, telemetry: OpsState) -> Self {
+        self.telemetry = telemetry;
+        self
     }
 
     /// The outbox's counters.
@@ -267,6 +284,7 @@ impl Outbox {
         let mut in_flight: JoinSet<(PendingSend, Outcome, bool)> = JoinSet::new();
         let mut busy_lanes: HashSet<String> = HashSet::new();
         let result = loop {
+            this.telemetry.heartbeat.beat(OUTBOX_LOOP);
             if shutdown.is_cancelled() {
                 break Ok(());
             }
@@ -314,12 +332,12 @@ impl Outbox {
                 });
             }
         }
-        // Due heads of busy lanes wait for their lane's send to finish, which wakes the loop.
+        // Sends that are due but could not start (their lane is busy, or the in-flight limit
+        // is reached) start when a running send finishes, which wakes the loop.
         let wait = match self.store.next_due_ms().await? {
             Some(due) if due > now_ms() => {
                 Duration::from_millis(u64::try_from(due - now_ms()).unwrap_or(0))
             }
-            _ if busy_lanes.is_empty() && in_flight.len() < MAX_IN_FLIGHT => Duration::ZERO,
             _ => IDLE_RECHECK,
         };
         Ok(wait.min(IDLE_RECHECK))
@@ -485,7 +503,18 @@ impl Outbox {
                 };
                 Outcome::Sent { message_id: outcome.message.id, opened }
             }
-            Err(err) => self.classify(send, err, opens_thread),
+            Err(err) => {
+                let throttled = err.disposition() == Disposition::Throttled;
+                let outcome = self.classify(send, err, opens_thread);
+                let result = match &outcome {
+                    Outcome::Retry { .. } => "retry",
+                    Outcome::Hold { .. } => "held",
+                    Outcome::Dead(_) => "dead",
+                    _ => "refused",
+                };
+                self.telemetry.metrics.record_send(result, throttled);
+                outcome
+            }
         }
     }
 

@@ -346,6 +346,14 @@ pub async fn register(
         if db::agent_by_handle(&conn, &pending.handle)?.is_some() {
             return Err(handle_taken());
         }
+        // One live agent per e-mail, as the reference server has it.
+        if db::email_in_use(&conn, &pending.email)? {
+            return Err(ApiError::new(
+                StatusCode::CONFLICT,
+                "EMAIL_TAKEN",
+                "An agent is already registered with this email",
+            ));
+        }
         db::insert_pending(&conn, &pending)?;
     }
     tracing::debug!(pending_id = %pending.id, handle = %pending.handle, "registration pending");

@@ -157,6 +157,17 @@ pub fn agent_by_handle(conn: &Connection, handle: &str) -> rusqlite::Result<Opti
     conn.query_row(&sql, [handle], agent_from_row).optional()
 }
 
+/// Whether a live (not deleted) agent is registered with `email`.
+pub fn email_in_use(conn: &Connection, email: &str) -> rusqlite::Result<bool> {
+    conn.query_row(
+        "SELECT 1 FROM agents WHERE email = ?1 COLLATE NOCASE AND status != 'deleted' LIMIT 1",
+        [email],
+        |_| Ok(()),
+    )
+    .optional()
+    .map(|found| found.is_some())
+}
+
 /// Inserts a new active agent.
 pub fn insert_agent(conn: &Connection, agent: &AgentRow, key_hash: &str) -> rusqlite::Result<()> {
     conn.execute(

@@ -66,7 +66,9 @@ impl Store {
     ) -> Result<bool, StoreError> {
         let (handle, conversation) = (handle.to_owned(), conversation_id.to_owned());
         self.call(move |c| {
-            let tx = c.transaction()?;
+            // IMMEDIATE: this transaction reads before it writes, and a read snapshot cannot be
+            // upgraded to a write while another connection (an operator command) writes.
+            let tx = c.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
             let was_awaiting = tx
                 .query_row("SELECT state FROM peers WHERE handle = ?1", [&handle], |r| {
                     r.get::<_, String>(0)

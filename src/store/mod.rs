@@ -218,7 +218,7 @@ impl Store {
             (message_id.to_owned(), conversation_id.to_owned(), outcome.to_owned());
         let seq = i64::try_from(seq).unwrap_or(i64::MAX);
         self.call(move |c| {
-            let tx = c.transaction()?;
+            let tx = c.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
             let inserted = tx.execute(
                 "INSERT OR IGNORE INTO processed (message_id, conversation_id, seq, outcome,
                  processed_ms) VALUES (?1, ?2, ?3, ?4, ?5)",
