@@ -2,8 +2,7 @@
 //!
 //! It answers every text message with one draft, `echo: <text>`, in the same conversation, and
 //! passes on every other kind of message. The operator may replace the `echo: ` prefix with
-//! the config key `prefix`. It is the smallest useful plugin and the one the
-//! host's tests run.
+//! the config key `prefix`. It is the smallest useful plugin and the one the host's tests run.
 
 wit_bindgen::generate!({
     world: "replier",
