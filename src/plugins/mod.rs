@@ -53,7 +53,9 @@ mod tests;
 
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use tokio::time::Instant;
 
 use tokio::sync::Semaphore;
 use tracing::Instrument;
@@ -233,6 +235,9 @@ impl PluginHost {
 
     /// Runs the plugins in order on `msg` and returns one verdict per plugin called. Stops
     /// after a `Claim` or a `Drop`; a failed call counts as a pass (see the module docs).
+    ///
+    /// Does not panic: each call runs on its own tokio task, so even a panic inside wasmtime
+    /// comes back as a [`CallError::Trap`] verdict. Must be called within a tokio runtime.
     pub async fn on_message(&self, msg: &InboundMessage) -> Vec<Verdict> {
         let wit_msg = Arc::new(bindings::to_wit_message(msg));
         let mut verdicts = Vec::with_capacity(self.plugins.len());
@@ -261,7 +266,7 @@ impl PluginHost {
         msg: &Arc<bindings::wit::InboundMessage>,
         message_id: &str,
     ) -> Result<Decision, CallError> {
-        let span = tracing::debug_span!("plugin_call", plugin = %plugin.id, message_id);
+        let span = tracing::info_span!("plugin_call", plugin = %plugin.id, message_id);
         let (target, msg, slots) = (plugin.clone(), msg.clone(), self.call_slots.clone());
         let task = tokio::spawn(
             async move {

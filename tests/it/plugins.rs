@@ -53,6 +53,21 @@ async fn echo_replies_to_text_and_passes_on_structured_messages() {
 }
 
 #[tokio::test]
+async fn the_operator_config_reaches_the_plugin() {
+    let spec = PluginSpec {
+        config_json: r#"{"prefix": "re: "}"#.to_string(),
+        ..echo_spec("echo")
+    };
+    let host = load(vec![spec]).await;
+
+    let verdicts = host.on_message(&text_message("hi")).await;
+    assert_eq!(
+        verdicts[0].result,
+        Ok(Decision::Reply(vec![text_draft("re: hi")]))
+    );
+}
+
+#[tokio::test]
 async fn plugins_run_in_order_and_a_claim_stops_the_rest() {
     let dir = tempfile::tempdir().expect("temp dir");
     let specs = vec![

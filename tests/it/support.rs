@@ -6,6 +6,8 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::OnceLock;
+// std's clock on purpose: this waits on a child process from plain threads, where tokio's
+// clock may be paused by the calling test.
 use std::time::{Duration, Instant};
 
 use agentchatd::plugins::{ContentKind, ConversationKind, InboundMessage};
