@@ -495,6 +495,8 @@ impl Outbox {
                 let counter =
                     if outcome.replayed { &self.stats.replayed } else { &self.stats.sent };
                 OutboxStats::bump(counter);
+                let result = if outcome.replayed { "replayed" } else { "sent" };
+                self.telemetry.metrics.record_send(result, false);
                 let opened = match (&send.recipient, opens_thread) {
                     (Some(handle), true) => {
                         Some((handle.clone(), outcome.message.conversation_id.clone()))

@@ -11,4 +11,5 @@ mod plugins;
 mod proxy;
 mod sdk;
 mod server;
+mod service;
 mod support;

@@ -54,17 +54,11 @@ async fn echo_replies_to_text_and_passes_on_structured_messages() {
 
 #[tokio::test]
 async fn the_operator_config_reaches_the_plugin() {
-    let spec = PluginSpec {
-        config_json: r#"{"prefix": "re: "}"#.to_string(),
-        ..echo_spec("echo")
-    };
+    let spec = PluginSpec { config_json: r#"{"prefix": "re: "}"#.to_string(), ..echo_spec("echo") };
     let host = load(vec![spec]).await;
 
     let verdicts = host.on_message(&text_message("hi")).await;
-    assert_eq!(
-        verdicts[0].result,
-        Ok(Decision::Reply(vec![text_draft("re: hi")]))
-    );
+    assert_eq!(verdicts[0].result, Ok(Decision::Reply(vec![text_draft("re: hi")])));
 }
 
 #[tokio::test]
