@@ -13,3 +13,4 @@ mod sdk;
 mod server;
 mod service;
 mod support;
+mod unit;
