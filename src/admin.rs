@@ -25,6 +25,7 @@ pub async fn status(config: &Config) -> Result<String, StoreError> {
     let cursor = store.meta("sync_cursor").await?;
 
     let mut out = String::new();
+    let _ = writeln!(out, "api: {}", config.api_base);
     let _ = writeln!(out, "state: {}", store.path().display());
     let held_text = if held.is_empty() {
         String::new()
@@ -74,7 +75,12 @@ pub async fn list(
         let to = row.recipient.as_deref().unwrap_or("(group)");
         let _ = write!(out, "{:>6}  {:<7}  to {to}  attempts {}", row.id, row.state, row.attempts);
         if let Some(hold) = &row.hold {
-            let _ = write!(out, "  held: {hold} until {}", format_ms(row.next_attempt_ms));
+            // Sends held for a reply carry a far-future time; "until released" says it better.
+            if row.next_attempt_ms > now_ms() + 10 * 365 * 86_400_000 {
+                let _ = write!(out, "  held: {hold} until released");
+            } else {
+                let _ = write!(out, "  held: {hold} until {}", format_ms(row.next_attempt_ms));
+            }
         }
         let _ = write!(out, "  origin {}", row.origin);
         if let Some(error) = &row.last_error {
@@ -120,13 +126,24 @@ pub async fn send(
     to: &str,
     text: &str,
     id: Option<String>,
-) -> Result<String, StoreError> {
+) -> Result<(bool, String), StoreError> {
+    let wire_bytes = serde_json::json!({ "text": text }).to_string().len() + 2;
+    if text.is_empty() || wire_bytes > 32_768 {
+        let reason = format!(
+            "not queued: the text must be 1 to about 32 000 bytes (it is {wire_bytes} bytes as \
+             JSON)\n"
+        );
+        return Ok((false, reason));
+    }
     let store = Store::open(&config.state_dir)?;
     let id = id.unwrap_or_else(|| format!("{:032x}", rand::random::<u128>()));
     let (key, fresh) = queue_operator_send(&store, to, text, &id).await?;
-    Ok(if fresh {
-        format!("queued for {to} as {key} (operator id {id})\n")
-    } else {
-        format!("already queued as {key} (operator id {id}); nothing added\n")
-    })
+    Ok((
+        true,
+        if fresh {
+            format!("queued for {to} as {key} (operator id {id})\n")
+        } else {
+            format!("already queued as {key} (operator id {id}); nothing added\n")
+        },
+    ))
 }

@@ -66,6 +66,9 @@ pub enum ConfigError {
         /// What is wrong and how to fix it.
         message: String,
     },
+    /// The configuration loads but does not work with what it points at.
+    #[error("{0}")]
+    Unusable(String),
     /// The API key could not be loaded from where the config points.
     #[error("cannot load the API key: {0}")]
     ApiKey(String),
@@ -543,6 +546,25 @@ pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
     })
 }
 
+/// Checks that every plugin file exists and is readable, so a missing build is caught by
+/// `check-config` (and systemd's `ExecStartPre=`) rather than at start.
+///
+/// # Errors
+/// Names the first plugin whose file cannot be read.
+pub fn check_plugin_files(config: &Config) -> Result<(), ConfigError> {
+    for plugin in &config.plugins {
+        if let Err(err) = std::fs::File::open(&plugin.path) {
+            return Err(ConfigError::Unusable(format!(
+                "plugin `{}`: cannot read {}: {err}; build it (scripts/build-plugins builds the \
+                 examples) or fix `path`",
+                plugin.id,
+                plugin.path.display()
+            )));
+        }
+    }
+    Ok(())
+}
+
 /// Turns `http(s)://host` into `ws(s)://host/v1/ws`, as the platform's integrations do.
 pub fn derive_ws_url(api_base: &str) -> String {
     let rest = api_base
@@ -650,6 +672,11 @@ impl Ctx<'_> {
                      `api_key_file` or `api_key_env`",
                 ))
             }
+            Some(_) if url.ends_with("/v1") => Err(self.invalid(
+                key,
+                value.span(),
+                "must be the server's base URL without the /v1 path (the daemon adds it)",
+            )),
             Some(host) if !host.is_empty() && !host.contains(char::is_whitespace) => {
                 Ok(url.to_owned())
             }

@@ -76,7 +76,12 @@ pub async fn run(args: DemoArgs, shutdown: CancellationToken) -> anyhow::Result<
         }
     };
     if result.is_ok() && !args.once && !shutdown.is_cancelled() {
-        println!("the agent keeps answering at {}; press Ctrl-C to stop", server.base_url());
+        println!(
+            "the agent @{AGENT} keeps answering at {}; register more agents there with the \
+             dev verification code {} (see the README); press Ctrl-C to stop",
+            server.base_url(),
+            ServerConfig::default().verification_code
+        );
         shutdown.cancelled().await;
     }
     daemon_stop.cancel();

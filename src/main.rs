@@ -112,10 +112,7 @@ fn main() -> ExitCode {
             admin_command(&config, |c| async move { Ok((true, admin::status(&c).await?)) })
         }
         Command::Send { config, to, text, id } => {
-            admin_command(
-                &config,
-                |c| async move { Ok((true, admin::send(&c, &to, &text, id).await?)) },
-            )
+            admin_command(&config, |c| async move { admin::send(&c, &to, &text, id).await })
         }
         Command::Outbox { config, action } => admin_command(&config, |c| async move {
             match action {
@@ -143,16 +140,9 @@ where
 {
     logging::init(LogStyle::detect(false));
     let shutdown = CancellationToken::new();
-    if let Err(err) = install_signals(shutdown.clone(), None) {
-        eprintln!("agentchatd: cannot install signal handlers: {err}");
-        return ExitCode::FAILURE;
-    }
-    let runtime = match tokio::runtime::Runtime::new() {
+    let runtime = match prepare(&shutdown, None) {
         Ok(runtime) => runtime,
-        Err(err) => {
-            eprintln!("agentchatd: cannot start the async runtime: {err}");
-            return ExitCode::FAILURE;
-        }
+        Err(code) => return code,
     };
     match runtime.block_on(command(shutdown)) {
         Ok(()) => ExitCode::SUCCESS,
@@ -196,14 +186,17 @@ where
 }
 
 fn check_config(path: &std::path::Path) -> ExitCode {
-    match config::load(path).and_then(|c| c.api_key.load().map(|_| c)) {
+    let checked = config::load(path)
+        .and_then(|c| c.api_key.load().map(|_| c))
+        .and_then(|c| config::check_plugin_files(&c).map(|()| c));
+    match checked {
         Ok(config) => {
-            println!(
-                "{}: ok ({} plugin(s), transport {:?})",
-                path.display(),
-                config.plugins.len(),
-                config.transport
-            );
+            let transport = format!("{:?}", config.transport).to_lowercase();
+            let plugins = config.plugins.len();
+            println!("{}: ok ({plugins} plugin(s), transport {transport})", path.display());
+            if plugins == 0 {
+                println!("note: no plugins: messages are acknowledged and never answered");
+            }
             ExitCode::SUCCESS
         }
         Err(err) => {
@@ -231,16 +224,9 @@ fn run_daemon(path: &std::path::Path) -> ExitCode {
     };
     let shutdown = CancellationToken::new();
     let (reload_tx, reload_rx) = tokio::sync::mpsc::channel(1);
-    if let Err(err) = install_signals(shutdown.clone(), Some(reload_tx)) {
-        eprintln!("agentchatd: cannot install signal handlers: {err}");
-        return ExitCode::FAILURE;
-    }
-    let runtime = match tokio::runtime::Runtime::new() {
+    let runtime = match prepare(&shutdown, Some(reload_tx)) {
         Ok(runtime) => runtime,
-        Err(err) => {
-            eprintln!("agentchatd: cannot start the async runtime: {err}");
-            return ExitCode::FAILURE;
-        }
+        Err(code) => return code,
     };
     tracing::info!(version = env!("CARGO_PKG_VERSION"), config = %path.display(), "starting");
     let controls = Controls {
@@ -256,13 +242,29 @@ fn run_daemon(path: &std::path::Path) -> ExitCode {
             tracing::error!(error = %err, "agentchatd stopped");
             eprintln!("agentchatd: {err}");
             match err {
-                ServiceError::Config(_) => ExitCode::from(EXIT_CONFIG),
+                ServiceError::Config(_) | ServiceError::Plugin(_) => ExitCode::from(EXIT_CONFIG),
                 ServiceError::Auth(_) => ExitCode::from(EXIT_AUTH),
                 ServiceError::Locked(_) => ExitCode::from(EXIT_LOCKED),
                 _ => ExitCode::FAILURE,
             }
         }
     }
+}
+
+/// Installs the signal handlers and builds the runtime; on failure, says why and gives the
+/// exit code.
+fn prepare(
+    shutdown: &CancellationToken,
+    reload: Option<tokio::sync::mpsc::Sender<()>>,
+) -> Result<tokio::runtime::Runtime, ExitCode> {
+    if let Err(err) = install_signals(shutdown.clone(), reload) {
+        eprintln!("agentchatd: cannot install signal handlers: {err}");
+        return Err(ExitCode::FAILURE);
+    }
+    tokio::runtime::Runtime::new().map_err(|err| {
+        eprintln!("agentchatd: cannot start the async runtime: {err}");
+        ExitCode::FAILURE
+    })
 }
 
 /// SIGTERM or SIGINT starts a graceful stop; a second one exits at once. Every state change is

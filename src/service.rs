@@ -529,6 +529,13 @@ async fn identify(
         if err.disposition() == Disposition::Fatal {
             return Err(ServiceError::Auth(err.to_string()));
         }
+        if err.disposition() == Disposition::Permanent {
+            // Asking who we are cannot be refused for a reason that goes away: the base URL
+            // points at something that is not the AgentChat API.
+            return Err(ServiceError::Config(ConfigError::Unusable(format!(
+                "the server does not answer like the AgentChat API ({err}); check agent.api_base"
+            ))));
+        }
         attempt += 1;
         let pause = err.retry_after().unwrap_or_else(|| backoff.delay(attempt));
         tracing::warn!(error = %err, retry_in_ms = pause.as_millis(), "server not reachable yet");

@@ -175,7 +175,7 @@ pub enum ApiError {
         reply: Box<ErrorReply>,
     },
     /// The request did not reach the server or the answer was cut off.
-    #[error("{method} {path}: network error: {source}")]
+    #[error("{method} {path}: network error: {}", chain(source))]
     Transport {
         /// HTTP method of the request.
         method: &'static str,
@@ -239,6 +239,22 @@ impl ApiError {
             },
         }
     }
+}
+
+/// An error with its causes, so "error sending request" also says "connection refused".
+fn chain(err: &dyn std::error::Error) -> String {
+    let mut text = err.to_string();
+    let mut cause = err.source();
+    for _ in 0..8 {
+        let Some(next) = cause else { break };
+        let part = next.to_string();
+        if !text.contains(&part) {
+            text.push_str(": ");
+            text.push_str(&part);
+        }
+        cause = next.source();
+    }
+    text
 }
 
 /// Reads a Retry-After value: whole seconds, or an HTTP-date turned into a delay from `now`.
