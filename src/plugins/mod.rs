@@ -40,12 +40,22 @@
 //! # What this module does not do
 //!
 //! It sends nothing and stores nothing: drafts are returned to the caller, who queues them.
-//! It does not read plugin manifests yet, and it does not reload plugins while running.
+//! It does not reload plugins while running.
+//!
+//! # Manifests
+//!
+//! A plugin may come with an `agentchat-plugin.toml` ([`Manifest`]). When a [`PluginSetup`]
+//! carries one, the host refuses to start the plugin unless its id matches, every capability
+//! it asks for is granted, its declared limits fit the operator's, the operator's config fits
+//! its schema and the component exports exactly the hooks it lists. A declared limit smaller
+//! than the operator's tightens the call budget.
 
 mod bindings;
 mod call;
 mod engine;
 mod error;
+mod manifest;
+mod schema;
 mod validate;
 
 #[cfg(test)]
@@ -61,6 +71,10 @@ use wasmtime::component::{Component, HasSelf, Linker};
 
 pub use engine::{EPOCH_TICK, MAX_CONCURRENT_CALLS};
 pub use error::{CallError, PluginError};
+pub use manifest::{
+    Capabilities, KNOWN_HOOKS, MANIFEST_FILE, Manifest, ManifestError, ManifestLimits,
+};
+pub use schema::{ConfigSchema, Violation};
 pub use validate::{MAX_DRAFTS_PER_DECISION, MAX_TEXT_BYTES};
 
 use call::{CallState, CallTarget, PluginConfig};
@@ -103,6 +117,50 @@ impl PluginSpec {
             timeout: DEFAULT_TIMEOUT,
             memory_limit_bytes: DEFAULT_MEMORY_LIMIT_BYTES,
         }
+    }
+}
+
+/// A [`PluginSpec`] with what the operator and the plugin's author add to it: the manifest and
+/// the capabilities granted. Every `load` argument converts into one, so plain specs still work.
+#[derive(Debug, Clone)]
+pub struct PluginSetup {
+    /// How to load and run the plugin.
+    pub spec: PluginSpec,
+    /// The plugin's manifest; without one, none of the manifest checks run.
+    pub manifest: Option<Manifest>,
+    /// Capabilities the operator grants; nothing by default.
+    pub granted: Capabilities,
+}
+
+impl From<PluginSpec> for PluginSetup {
+    fn from(spec: PluginSpec) -> PluginSetup {
+        PluginSetup { spec, manifest: None, granted: Capabilities::default() }
+    }
+}
+
+impl PluginSpec {
+    /// This spec checked against `manifest` at load.
+    pub fn with_manifest(self, manifest: Manifest) -> PluginSetup {
+        PluginSetup { manifest: Some(manifest), ..PluginSetup::from(self) }
+    }
+}
+
+impl PluginSetup {
+    /// A setup that takes the id and component path from `manifest`, with default limits.
+    pub fn from_manifest(manifest: Manifest) -> PluginSetup {
+        PluginSpec::new(manifest.id.clone(), manifest.component.clone()).with_manifest(manifest)
+    }
+
+    /// This setup with the operator's config (a JSON object as text).
+    pub fn with_config(mut self, config_json: impl Into<String>) -> PluginSetup {
+        self.spec.config_json = config_json.into();
+        self
+    }
+
+    /// This setup with `granted` as the operator's grants.
+    pub fn with_grants(mut self, granted: Capabilities) -> PluginSetup {
+        self.granted = granted;
+        self
     }
 }
 
@@ -200,14 +258,28 @@ impl PluginHost {
     /// A [`PluginError`] naming the plugin, its path and what to fix: bad settings or config,
     /// an unreadable file, a file that is not a component, or a component that does not fit
     /// the `replier` world. Also fails when the cache directory cannot be prepared.
-    pub async fn load(
-        specs: Vec<PluginSpec>,
+    ///
+    /// A setup with a manifest is also refused when the manifest does not match the spec, the
+    /// grants, the config or the component's exports (see the module docs); the message names
+    /// the plugin and the field.
+    pub async fn load<S: Into<PluginSetup>>(
+        setups: Vec<S>,
         cache_dir: Option<PathBuf>,
     ) -> Result<PluginHost, PluginError> {
-        let mut configs = Vec::with_capacity(specs.len());
-        for (idx, spec) in specs.iter().enumerate() {
-            check_spec(spec, &specs[..idx])?;
-            configs.push(Arc::new(parse_config(spec)?));
+        let setups: Vec<PluginSetup> = setups.into_iter().map(Into::into).collect();
+        let mut specs: Vec<PluginSpec> = Vec::with_capacity(setups.len());
+        let mut configs = Vec::with_capacity(setups.len());
+        let mut manifests = Vec::with_capacity(setups.len());
+        for setup in setups {
+            check_spec(&setup.spec, &specs)?;
+            let spec = apply_manifest(setup.spec, setup.manifest.as_ref(), &setup.granted)?;
+            let config = parse_config(&spec)?;
+            if let Some(schema) = setup.manifest.as_ref().and_then(|m| m.config_schema.as_ref()) {
+                check_config_schema(&spec.id, schema, &config)?;
+            }
+            configs.push(Arc::new(config));
+            manifests.push(setup.manifest);
+            specs.push(spec);
         }
 
         let cache_dir = match cache_dir {
@@ -222,8 +294,9 @@ impl PluginHost {
         let linker = build_linker(&engine)?;
 
         let mut plugins = Vec::with_capacity(specs.len());
-        for (spec, config) in specs.into_iter().zip(configs) {
-            plugins.push(Arc::new(load_one(&engine, &linker, spec, config).await?));
+        for ((spec, config), manifest) in specs.into_iter().zip(configs).zip(manifests) {
+            let target = load_one(&engine, &linker, spec, config, manifest.as_ref()).await?;
+            plugins.push(Arc::new(target));
         }
 
         let ticker = EpochTicker::start(&engine)?;
@@ -326,6 +399,110 @@ fn check_spec(spec: &PluginSpec, earlier: &[PluginSpec]) -> Result<(), PluginErr
     Ok(())
 }
 
+/// Checks `spec` against its manifest and returns it with the manifest's tighter limits.
+fn apply_manifest(
+    mut spec: PluginSpec,
+    manifest: Option<&Manifest>,
+    granted: &Capabilities,
+) -> Result<PluginSpec, PluginError> {
+    let Some(manifest) = manifest else {
+        return Ok(spec);
+    };
+    let fail = |key: &str, reason: String| PluginError::Manifest {
+        id: spec.id.clone(),
+        path: manifest.path.clone(),
+        key: key.to_string(),
+        reason,
+    };
+
+    if manifest.id != spec.id {
+        let reason = format!("is `{}`; the configured id must be the same", manifest.id);
+        return Err(fail("id", reason));
+    }
+    let missing = manifest.capabilities.missing_from(granted);
+    if !missing.is_empty() {
+        return Err(PluginError::NotGranted { id: spec.id.clone(), missing: missing.join(", ") });
+    }
+
+    if let Some(mib) = manifest.limits.memory_mib {
+        let wanted = usize::try_from(mib).unwrap_or(usize::MAX).saturating_mul(1 << 20);
+        if wanted > spec.memory_limit_bytes {
+            let reason = format!(
+                "asks for {mib} MiB but the operator allows {} bytes; raise the plugin's memory \
+                 limit",
+                spec.memory_limit_bytes
+            );
+            return Err(fail("limits.memory-mib", reason));
+        }
+        spec.memory_limit_bytes = wanted.max(MIN_MEMORY_LIMIT_BYTES);
+    }
+    if let Some(wanted) = manifest.limits.hook_timeout {
+        if wanted > spec.timeout {
+            let reason = format!(
+                "asks for {wanted:?} per call but the operator allows {:?}; raise the plugin's \
+                 timeout",
+                spec.timeout
+            );
+            return Err(fail("limits.hook-timeout-ms", reason));
+        }
+        spec.timeout = wanted;
+    }
+    Ok(spec)
+}
+
+/// Refuses a config that does not fit the manifest's schema, naming the first bad field.
+fn check_config_schema(
+    id: &str,
+    schema: &ConfigSchema,
+    config: &PluginConfig,
+) -> Result<(), PluginError> {
+    let violations = schema.validate(&serde_json::Value::Object(config.values.clone()));
+    let Some(first) = violations.first() else {
+        return Ok(());
+    };
+    let mut reason = first.reason.clone();
+    if violations.len() > 1 {
+        reason.push_str(&format!(" (and {} more problems)", violations.len() - 1));
+    }
+    let field = if first.pointer.is_empty() { "/".to_string() } else { first.pointer.clone() };
+    Err(PluginError::ConfigSchema { id: id.to_string(), field, reason })
+}
+
+/// Refuses a component whose `agentchat:plugin` exports differ from the manifest's hooks.
+fn check_exports(
+    engine: &wasmtime::Engine,
+    component: &Component,
+    spec: &PluginSpec,
+    manifest: &Manifest,
+) -> Result<(), PluginError> {
+    let exported: Vec<String> = component
+        .component_type()
+        .exports(engine)
+        .filter_map(|(name, _)| {
+            let rest = name.strip_prefix("agentchat:plugin/")?;
+            Some(rest.split('@').next().unwrap_or(rest).to_string())
+        })
+        .collect();
+    let missing: Vec<&str> =
+        manifest.hooks.iter().filter(|h| !exported.contains(h)).map(String::as_str).collect();
+    let unlisted: Vec<&str> =
+        exported.iter().filter(|e| !manifest.hooks.contains(e)).map(String::as_str).collect();
+    if missing.is_empty() && unlisted.is_empty() {
+        return Ok(());
+    }
+    Err(PluginError::Manifest {
+        id: spec.id.clone(),
+        path: manifest.path.clone(),
+        key: "hooks".to_string(),
+        reason: format!(
+            "lists {:?} but {} exports {exported:?} (missing: {missing:?}, not listed: \
+             {unlisted:?}); make the list match the component",
+            manifest.hooks,
+            spec.path.display()
+        ),
+    })
+}
+
 /// Parses the operator's config once, so calls only look values up.
 fn parse_config(spec: &PluginSpec) -> Result<PluginConfig, PluginError> {
     let fail = |reason: String| PluginError::Config {
@@ -364,6 +541,7 @@ async fn load_one(
     linker: &Linker<CallState>,
     spec: PluginSpec,
     config: Arc<PluginConfig>,
+    manifest: Option<&Manifest>,
 ) -> Result<CallTarget, PluginError> {
     let started = Instant::now();
     let bytes = tokio::fs::read(&spec.path).await.map_err(|source| PluginError::Read {
@@ -381,6 +559,9 @@ async fn load_one(
         Ok(Err(err)) => return Err(compile_error(&spec, format!("{err:#}"))),
         Err(join_err) => return Err(compile_error(&spec, join_err.to_string())),
     };
+    if let Some(manifest) = manifest {
+        check_exports(engine, &component, &spec, manifest)?;
+    }
 
     let link_error = |err: wasmtime::Error| PluginError::Link {
         id: spec.id.clone(),

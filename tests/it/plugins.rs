@@ -7,13 +7,16 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use agentchatd::plugins::{
-    CallError, Decision, Draft, PluginError, PluginHost, PluginSpec, Verdict,
+    CallError, Capabilities, Decision, Draft, Manifest, PluginError, PluginHost, PluginSetup,
+    PluginSpec, Verdict,
 };
 
-use crate::support::{echo_plugin_path, structured_message, text_message, write_wat_guest};
+use crate::support::{
+    echo_plugin_path, repo_root, structured_message, text_message, write_wat_guest,
+};
 
 /// Loads `specs` without a cache, failing the test on a load error.
-async fn load(specs: Vec<PluginSpec>) -> PluginHost {
+async fn load<S: Into<PluginSetup>>(specs: Vec<S>) -> PluginHost {
     match PluginHost::load(specs, None).await {
         Ok(host) => host,
         Err(err) => panic!("load failed: {err}"),
@@ -246,4 +249,101 @@ async fn the_compile_cache_is_reused_and_a_corrupt_entry_is_rebuilt() {
     let rebuilt = std::fs::read(entry).expect("read rebuilt entry");
     assert_ne!(rebuilt, b"corrupt");
     assert_eq!(rebuilt.len(), first.len());
+}
+
+// === manifests ===
+
+fn echo_manifest() -> Manifest {
+    let path = repo_root().join("plugins/echo/agentchat-plugin.toml");
+    Manifest::load(&path).expect("the echo manifest is valid")
+}
+
+async fn load_refused(setups: Vec<PluginSetup>) -> PluginError {
+    match PluginHost::load(setups, None).await {
+        Ok(_) => panic!("the load should be refused"),
+        Err(err) => err,
+    }
+}
+
+#[tokio::test]
+async fn echo_loads_from_its_manifest_and_its_prefix_config_is_checked() {
+    let setup = PluginSetup::from_manifest(echo_manifest()).with_config(r#"{"prefix": "> "}"#);
+    assert_eq!(setup.spec.path, echo_plugin_path());
+    let host = load(vec![setup]).await;
+    let verdicts = host.on_message(&text_message("hi")).await;
+    assert_eq!(summary(&verdicts), vec![("echo", &Ok(Decision::Reply(vec![text_draft("> hi")])))]);
+
+    let bad = PluginSetup::from_manifest(echo_manifest()).with_config(r#"{"prefix": 7}"#);
+    let err = load_refused(vec![bad]).await;
+    let text = err.to_string();
+    assert!(matches!(err, PluginError::ConfigSchema { .. }), "{text}");
+    assert!(
+        text.contains("`echo`") && text.contains("/prefix") && text.contains("string"),
+        "{text}"
+    );
+
+    let unknown = PluginSetup::from_manifest(echo_manifest()).with_config(r#"{"prefx": "x"}"#);
+    let text = load_refused(vec![unknown]).await.to_string();
+    assert!(text.contains("/prefx") && text.contains("prefix"), "{text}");
+}
+
+#[tokio::test]
+async fn a_manifest_that_does_not_match_refuses_the_plugin_naming_the_field() {
+    // The configured id differs from the manifest's.
+    let setup = PluginSpec::new("other", echo_plugin_path()).with_manifest(echo_manifest());
+    match load_refused(vec![setup]).await {
+        PluginError::Manifest { id, key, .. } => {
+            assert_eq!((id.as_str(), key.as_str()), ("other", "id"))
+        }
+        other => panic!("expected a manifest error, got {other}"),
+    }
+
+    // The manifest asks for more memory than the operator allows.
+    let mut manifest = echo_manifest();
+    manifest.limits.memory_mib = Some(64);
+    let text = load_refused(vec![PluginSetup::from_manifest(manifest)]).await.to_string();
+    assert!(text.contains("limits.memory-mib") && text.contains("64 MiB"), "{text}");
+
+    // A capability the operator did not grant.
+    let mut manifest = echo_manifest();
+    manifest.capabilities.http_allowed_hosts = vec!["api.example.com".to_string()];
+    let err = load_refused(vec![PluginSetup::from_manifest(manifest.clone())]).await;
+    let text = err.to_string();
+    assert!(matches!(err, PluginError::NotGranted { .. }), "{text}");
+    assert!(text.contains("`echo`") && text.contains("api.example.com"), "{text}");
+    let granted = Capabilities {
+        http_allowed_hosts: vec!["api.example.com".to_string()],
+        ..Capabilities::default()
+    };
+    load(vec![PluginSetup::from_manifest(manifest).with_grants(granted)]).await;
+}
+
+#[tokio::test]
+async fn hooks_must_match_the_component_exports() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let empty = dir.path().join("empty.wasm");
+    std::fs::write(&empty, wat::parse_str("(component)").expect("wat")).expect("write");
+    let mut manifest = echo_manifest();
+    manifest.component = empty;
+
+    match load_refused(vec![PluginSetup::from_manifest(manifest)]).await {
+        PluginError::Manifest { key, reason, .. } => {
+            assert_eq!(key, "hooks");
+            assert!(reason.contains("missing: [\"inbound\"]"), "{reason}");
+        }
+        other => panic!("expected a manifest error, got {other}"),
+    }
+}
+
+#[tokio::test]
+async fn a_declared_smaller_timeout_tightens_the_budget() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let mut manifest = echo_manifest();
+    manifest.id = "spinner".to_string();
+    manifest.limits.hook_timeout = Some(Duration::from_millis(20));
+    let spec = PluginSpec::new("spinner", write_wat_guest(dir.path(), "spin"));
+    let host = load(vec![spec.with_manifest(manifest)]).await;
+
+    let verdicts = host.on_message(&text_message("hi")).await;
+    assert_eq!(verdicts[0].result, Err(CallError::Timeout { budget: Duration::from_millis(20) }));
 }

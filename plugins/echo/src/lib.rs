@@ -1,7 +1,7 @@
 //! Echo: the example AgentChat plugin.
 //!
 //! It answers every text message with one draft, `echo: <text>`, in the same conversation, and
-//! passes on every other kind of message. It is the smallest useful plugin and the one the
+//! passes on every other kind of message. The optional config key `prefix` replaces `echo: `. It is the smallest useful plugin and the one the
 //! host's tests run.
 
 wit_bindgen::generate!({
@@ -9,6 +9,7 @@ wit_bindgen::generate!({
     path: "../wit",
 });
 
+use agentchat::plugin::config;
 use agentchat::plugin::log::log;
 use agentchat::plugin::types::{ContentKind, Draft, InboundMessage, Level};
 use exports::agentchat::plugin::inbound::{Guest, InboundDecision, PluginError};
@@ -31,9 +32,10 @@ impl Guest for Echo {
                 ("bytes".to_string(), text.len().to_string()),
             ],
         );
+        let prefix = config::get("prefix").unwrap_or_else(|| "echo: ".to_string());
         let draft = Draft {
             conversation_id: None,
-            text: Some(format!("echo: {text}")),
+            text: Some(format!("{prefix}{text}")),
             data_json: None,
         };
         Ok(InboundDecision::Reply(vec![draft]))
