@@ -163,4 +163,28 @@ pub enum CallError {
     /// The plugin itself reported an error through `plugin-error`.
     #[error("plugin reported an error: {0}; the call counts as a pass")]
     PluginError(String),
+
+    /// The plugin failed too often and sits out a cooldown; it was not run.
+    #[error(
+        "plugin is suspended after repeated failures for another {remaining:?}; the call counts \
+         as a pass"
+    )]
+    Suspended {
+        /// Time left in the cooldown.
+        remaining: Duration,
+    },
+}
+
+impl CallError {
+    /// Whether this failure counts towards suspending the plugin: the guest misbehaved, as
+    /// opposed to reporting an error itself or not being run at all.
+    pub fn counts_as_failure(&self) -> bool {
+        matches!(
+            self,
+            CallError::Trap(_)
+                | CallError::Timeout { .. }
+                | CallError::MemoryLimit
+                | CallError::BadOutput(_)
+        )
+    }
 }

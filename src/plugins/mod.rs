@@ -20,6 +20,16 @@
 //! is deterministic over the same message and a retry would only fail again, in a loop.
 //! Callers see the failure as a [`Verdict`] whose result is `Err`.
 //!
+//! # The breaker
+//!
+//! A plugin whose calls trap, time out, hit the memory limit or return bad output
+//! [`BreakerSettings::max_failures`] times within [`BreakerSettings::window`] is suspended for
+//! [`BreakerSettings::cooldown`] (defaults: 5 in 60 s, 5 minutes). While suspended its calls
+//! return [`CallError::Suspended`] at once, without running the guest, and count as a pass.
+//! Suspension is logged at warn, the end of it at info when the next call arrives, and
+//! [`PluginHost::status`] shows the state. An error the plugin reports itself does not count:
+//! that is the plugin working as designed (an upstream it needs is down, say).
+//!
 //! # Output limits
 //!
 //! A draft must set `text` or `data-json` (or both); `text` holds at most
@@ -51,6 +61,7 @@
 //! than the operator's tightens the call budget.
 
 mod bindings;
+mod breaker;
 mod call;
 mod engine;
 mod error;
@@ -69,6 +80,7 @@ use tokio::sync::Semaphore;
 use tracing::Instrument;
 use wasmtime::component::{Component, HasSelf, Linker};
 
+pub use breaker::BreakerSettings;
 pub use engine::{EPOCH_TICK, MAX_CONCURRENT_CALLS};
 pub use error::{CallError, PluginError};
 pub use manifest::{
@@ -77,6 +89,7 @@ pub use manifest::{
 pub use schema::{ConfigSchema, Violation};
 pub use validate::{MAX_DRAFTS_PER_DECISION, MAX_TEXT_BYTES};
 
+use breaker::{Breaker, Transition};
 use call::{CallState, CallTarget, PluginConfig};
 use engine::{EngineSettings, EpochTicker};
 
@@ -130,11 +143,18 @@ pub struct PluginSetup {
     pub manifest: Option<Manifest>,
     /// Capabilities the operator grants; nothing by default.
     pub granted: Capabilities,
+    /// When repeated failures suspend the plugin.
+    pub breaker: BreakerSettings,
 }
 
 impl From<PluginSpec> for PluginSetup {
     fn from(spec: PluginSpec) -> PluginSetup {
-        PluginSetup { spec, manifest: None, granted: Capabilities::default() }
+        PluginSetup {
+            spec,
+            manifest: None,
+            granted: Capabilities::default(),
+            breaker: BreakerSettings::default(),
+        }
     }
 }
 
@@ -154,6 +174,12 @@ impl PluginSetup {
     /// This setup with the operator's config (a JSON object as text).
     pub fn with_config(mut self, config_json: impl Into<String>) -> PluginSetup {
         self.spec.config_json = config_json.into();
+        self
+    }
+
+    /// This setup with other breaker settings.
+    pub fn with_breaker(mut self, breaker: BreakerSettings) -> PluginSetup {
+        self.breaker = breaker;
         self
     }
 
@@ -236,6 +262,33 @@ pub struct Draft {
     pub data_json: Option<String>,
 }
 
+/// Breaker state of one plugin, from [`PluginHost::status`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PluginStatus {
+    /// The plugin id.
+    pub id: String,
+    /// Whether it runs.
+    pub state: PluginState,
+    /// Counted failures still inside the breaker window (reset when a suspension starts).
+    pub recent_failures: u32,
+    /// Counted failures since the host was loaded.
+    pub total_failures: u64,
+}
+
+/// Whether a plugin runs or sits out a cooldown.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PluginState {
+    /// Calls run.
+    Active,
+    /// Calls return [`CallError::Suspended`] until the cooldown ends.
+    Suspended {
+        /// Time left in the cooldown.
+        remaining: Duration,
+        /// When it ends, by the wall clock (for display only).
+        until: std::time::SystemTime,
+    },
+}
+
 /// Loaded plugins and the engine that runs them. Cheap to share behind an `Arc`; calls on
 /// different messages may run concurrently.
 pub struct PluginHost {
@@ -277,7 +330,7 @@ impl PluginHost {
             if let Some(schema) = setup.manifest.as_ref().and_then(|m| m.config_schema.as_ref()) {
                 check_config_schema(&spec.id, schema, &config)?;
             }
-            configs.push(Arc::new(config));
+            configs.push((Arc::new(config), setup.breaker));
             manifests.push(setup.manifest);
             specs.push(spec);
         }
@@ -294,8 +347,9 @@ impl PluginHost {
         let linker = build_linker(&engine)?;
 
         let mut plugins = Vec::with_capacity(specs.len());
-        for ((spec, config), manifest) in specs.into_iter().zip(configs).zip(manifests) {
-            let target = load_one(&engine, &linker, spec, config, manifest.as_ref()).await?;
+        for ((spec, (config, breaker)), manifest) in specs.into_iter().zip(configs).zip(manifests) {
+            let mut target = load_one(&engine, &linker, spec, config, manifest.as_ref()).await?;
+            target.breaker = std::sync::Mutex::new(Breaker::new(breaker));
             plugins.push(Arc::new(target));
         }
 
@@ -326,9 +380,62 @@ impl PluginHost {
         self.plugins.iter().map(|plugin| plugin.id.to_string()).collect()
     }
 
+    /// Breaker state of every plugin, in call order, for the daemon's status output.
+    pub fn status(&self) -> Vec<PluginStatus> {
+        let now = tokio::time::Instant::now();
+        self.plugins
+            .iter()
+            .map(|plugin| {
+                let (recent_failures, remaining, total_failures) =
+                    plugin.lock_breaker().snapshot(now);
+                let state = match remaining {
+                    None => PluginState::Active,
+                    Some(remaining) => PluginState::Suspended {
+                        remaining,
+                        until: std::time::SystemTime::now() + remaining,
+                    },
+                };
+                PluginStatus { id: plugin.id.to_string(), state, recent_failures, total_failures }
+            })
+            .collect()
+    }
+
     /// One call on its own task: a panic in wasmtime or in our import code then surfaces as a
-    /// failed call instead of unwinding through the daemon.
+    /// failed call instead of unwinding through the daemon. A suspended plugin is not run.
     async fn call(
+        &self,
+        plugin: &Arc<CallTarget>,
+        msg: &Arc<bindings::wit::InboundMessage>,
+        message_id: &str,
+    ) -> Result<Decision, CallError> {
+        let admitted = plugin.lock_breaker().admit(tokio::time::Instant::now());
+        match admitted {
+            Err(remaining) => {
+                let remaining_ms = u64::try_from(remaining.as_millis()).unwrap_or(u64::MAX);
+                tracing::debug!(plugin = %plugin.id, message_id, remaining_ms, "plugin skipped");
+                return Err(CallError::Suspended { remaining });
+            }
+            Ok(Some(Transition::Resumed)) => tracing::info!(plugin = %plugin.id, "plugin resumed"),
+            Ok(_) => {}
+        }
+
+        let result = self.spawn_call(plugin, msg, message_id).await;
+        if result.as_ref().is_err_and(CallError::counts_as_failure) {
+            let tripped = plugin.lock_breaker().record_failure(tokio::time::Instant::now());
+            if let Some(Transition::Suspended { failures }) = tripped {
+                let cooldown_secs = plugin.lock_breaker().cooldown().as_secs();
+                tracing::warn!(
+                    plugin = %plugin.id,
+                    failures,
+                    cooldown_secs,
+                    "plugin suspended after repeated failures"
+                );
+            }
+        }
+        result
+    }
+
+    async fn spawn_call(
         &self,
         plugin: &Arc<CallTarget>,
         msg: &Arc<bindings::wit::InboundMessage>,
@@ -579,6 +686,7 @@ async fn load_one(
         config,
         timeout: spec.timeout,
         memory_limit_bytes: spec.memory_limit_bytes,
+        breaker: std::sync::Mutex::new(Breaker::new(BreakerSettings::default())),
     })
 }
 

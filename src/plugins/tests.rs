@@ -250,3 +250,54 @@ fn capabilities_not_granted_are_named() {
     let all = Capabilities { http_allowed_hosts: vec!["API.example.com".into()], ..granted };
     assert!(manifest.capabilities.missing_from(&all).is_empty());
 }
+
+// === breaker ===
+
+fn breaker_settings() -> BreakerSettings {
+    BreakerSettings {
+        max_failures: std::num::NonZeroU32::new(3).expect("non-zero"),
+        window: Duration::from_secs(10),
+        cooldown: Duration::from_secs(60),
+    }
+}
+
+#[test]
+fn failures_spread_wider_than_the_window_never_trip_the_breaker() {
+    let mut breaker = breaker::Breaker::new(breaker_settings());
+    let start = tokio::time::Instant::now();
+    for n in 0..10 {
+        let now = start + Duration::from_secs(6) * n;
+        assert_eq!(breaker.admit(now), Ok(None), "call {n}");
+        assert_eq!(breaker.record_failure(now), None, "failure {n}");
+    }
+    assert_eq!(breaker.snapshot(start + Duration::from_secs(54)).2, 10);
+}
+
+#[test]
+fn the_breaker_trips_at_the_limit_and_resumes_after_the_cooldown() {
+    let mut breaker = breaker::Breaker::new(breaker_settings());
+    let start = tokio::time::Instant::now();
+    assert_eq!(breaker.record_failure(start), None);
+    assert_eq!(breaker.record_failure(start + Duration::from_secs(1)), None);
+    let tripped = breaker.record_failure(start + Duration::from_secs(2));
+    assert_eq!(tripped, Some(breaker::Transition::Suspended { failures: 3 }));
+
+    let during = start + Duration::from_secs(30);
+    assert_eq!(breaker.admit(during), Err(Duration::from_secs(32)));
+    assert_eq!(breaker.record_failure(during), None, "a late failure changes nothing");
+
+    let after = start + Duration::from_secs(62);
+    assert_eq!(breaker.admit(after), Ok(Some(breaker::Transition::Resumed)));
+    assert_eq!(breaker.admit(after), Ok(None));
+    assert_eq!(breaker.snapshot(after), (0, None, 4));
+}
+
+#[test]
+fn only_misbehaviour_counts_as_a_failure() {
+    assert!(CallError::Trap("x".into()).counts_as_failure());
+    assert!(CallError::Timeout { budget: Duration::from_millis(1) }.counts_as_failure());
+    assert!(CallError::MemoryLimit.counts_as_failure());
+    assert!(CallError::BadOutput("x".into()).counts_as_failure());
+    assert!(!CallError::PluginError("x".into()).counts_as_failure());
+    assert!(!CallError::Suspended { remaining: Duration::from_secs(1) }.counts_as_failure());
+}

@@ -2,13 +2,14 @@
 //! for wasm32-wasip2 and small hand-written WAT components that trap, loop, over-allocate or
 //! return fixed decisions.
 
+use std::num::NonZeroU32;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
 use agentchatd::plugins::{
-    CallError, Capabilities, Decision, Draft, Manifest, PluginError, PluginHost, PluginSetup,
-    PluginSpec, Verdict,
+    BreakerSettings, CallError, Capabilities, Decision, Draft, Manifest, PluginError, PluginHost,
+    PluginSetup, PluginSpec, PluginState, Verdict,
 };
 
 use crate::support::{
@@ -346,4 +347,56 @@ async fn a_declared_smaller_timeout_tightens_the_budget() {
 
     let verdicts = host.on_message(&text_message("hi")).await;
     assert_eq!(verdicts[0].result, Err(CallError::Timeout { budget: Duration::from_millis(20) }));
+}
+
+// === breaker ===
+
+#[tokio::test(start_paused = true)]
+async fn repeated_traps_suspend_the_plugin_until_the_cooldown_ends() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let breaker = BreakerSettings {
+        max_failures: NonZeroU32::new(3).expect("non-zero"),
+        window: Duration::from_secs(60),
+        cooldown: Duration::from_secs(300),
+    };
+    let trapper = PluginSetup::from(wat_spec(dir.path(), "trapper", "trap")).with_breaker(breaker);
+    let host = load(vec![trapper, echo_spec("echo").into()]).await;
+
+    for round in 0..3 {
+        let verdicts = host.on_message(&text_message("hi")).await;
+        assert!(matches!(verdicts[0].result, Err(CallError::Trap(_))), "round {round}");
+        tokio::time::advance(Duration::from_secs(1)).await;
+    }
+    let status = host.status();
+    assert!(matches!(status[0].state, PluginState::Suspended { .. }), "{status:?}");
+    assert_eq!((status[0].total_failures, status[1].state), (3, PluginState::Active));
+
+    // Suspended: the guest is not run, and the next plugin still is.
+    let verdicts = host.on_message(&text_message("hi")).await;
+    match verdicts[0].result {
+        Err(CallError::Suspended { remaining }) => {
+            assert_eq!(remaining, Duration::from_secs(299))
+        }
+        ref other => panic!("expected a suspension, got {other:?}"),
+    }
+    assert_eq!(verdicts[1].result, Ok(Decision::Reply(vec![text_draft("echo: hi")])));
+    assert_eq!(host.status()[0].total_failures, 3, "a skipped call is not a failure");
+
+    // After the cooldown the guest runs again (and traps again).
+    tokio::time::advance(Duration::from_secs(300)).await;
+    assert_eq!(host.status()[0].state, PluginState::Active);
+    let verdicts = host.on_message(&text_message("hi")).await;
+    assert!(matches!(verdicts[0].result, Err(CallError::Trap(_))));
+    assert_eq!(host.status()[0].recent_failures, 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn errors_the_plugin_reports_itself_never_suspend_it() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let host = load(vec![wat_spec(dir.path(), "failing", "failing")]).await;
+    for _ in 0..10 {
+        let verdicts = host.on_message(&text_message("hi")).await;
+        assert!(matches!(verdicts[0].result, Err(CallError::PluginError(_))));
+    }
+    assert_eq!(host.status()[0].state, PluginState::Active);
 }
