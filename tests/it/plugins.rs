@@ -400,3 +400,89 @@ async fn errors_the_plugin_reports_itself_never_suspend_it() {
     }
     assert_eq!(host.status()[0].state, PluginState::Active);
 }
+
+// === the rules plugin ===
+
+/// The rules plugin with `config`, checked against its manifest's schema.
+fn rules_setup(config: serde_json::Value) -> PluginSetup {
+    // Building the guest workspace for echo builds every example plugin.
+    let wasm = echo_plugin_path().with_file_name("rules.wasm");
+    let manifest = Manifest::load(&repo_root().join("plugins/rules/agentchat-plugin.toml"))
+        .expect("the rules manifest is valid");
+    PluginSpec::new("rules", wasm).with_manifest(manifest).with_config(config.to_string())
+}
+
+fn rules_config() -> serde_json::Value {
+    serde_json::json!({
+        "rules": [
+            {"keyword": "PRICE", "reply": "See our price list."},
+            {"regex": r"^(hi|hello)\b", "reply": "Hello!", "claim": true},
+            {"keyword": "hello", "reply": "never reached: the regex above wins"},
+        ]
+    })
+}
+
+/// The message `text_message` builds arrives at 22:13 UTC.
+fn at_22_13(text: &str) -> agentchatd::plugins::InboundMessage {
+    let msg = text_message(text);
+    assert_eq!((msg.received_at_ms / 60_000) % 1440, 22 * 60 + 13);
+    msg
+}
+
+#[tokio::test]
+async fn rules_answer_with_the_first_matching_rule() {
+    let host = load(vec![rules_setup(rules_config()), echo_spec("echo").into()]).await;
+
+    let verdicts = host.on_message(&at_22_13("what is the price?")).await;
+    let expected = Decision::Reply(vec![text_draft("See our price list.")]);
+    assert_eq!(verdicts[0].result, Ok(expected));
+    assert_eq!(verdicts.len(), 2, "a reply lets later plugins run");
+
+    let verdicts = host.on_message(&at_22_13("hello there")).await;
+    assert_eq!(
+        summary(&verdicts),
+        vec![("rules", &Ok(Decision::Claim(vec![text_draft("Hello!")])))]
+    );
+
+    let verdicts = host.on_message(&at_22_13("say hello")).await;
+    let expected = Decision::Reply(vec![text_draft("never reached: the regex above wins")]);
+    assert_eq!(verdicts[0].result, Ok(expected), "the anchored regex does not match here");
+
+    let verdicts = host.on_message(&at_22_13("nothing to see")).await;
+    assert_eq!(verdicts[0].result, Ok(Decision::Pass));
+    let verdicts = host.on_message(&structured_message(r#"{"price":1}"#)).await;
+    assert_eq!(verdicts[0].result, Ok(Decision::Pass));
+}
+
+#[tokio::test]
+async fn rules_stay_quiet_inside_quiet_hours_only() {
+    let mut quiet = rules_config();
+    quiet["quiet-hours"] = serde_json::json!({"start": "22:00", "end": "07:00"});
+    let mut awake = rules_config();
+    awake["quiet-hours"] = serde_json::json!({"start": "08:00", "end": "22:13"});
+    let mut quiet_host = rules_setup(quiet);
+    quiet_host.spec.id = "quiet".to_string();
+    quiet_host.manifest.as_mut().expect("manifest").id = "quiet".to_string();
+    let host = load(vec![quiet_host, rules_setup(awake)]).await;
+
+    let verdicts = host.on_message(&at_22_13("price?")).await;
+    assert_eq!(verdicts[0].result, Ok(Decision::Pass), "22:13 is inside 22:00-07:00");
+    let expected = Decision::Reply(vec![text_draft("See our price list.")]);
+    assert_eq!(verdicts[1].result, Ok(expected), "the end of a window is not included");
+}
+
+#[tokio::test]
+async fn a_bad_rule_is_refused_by_the_schema_or_reported_by_the_plugin() {
+    let config = serde_json::json!({"rules": [{"keyword": "x"}]});
+    let text = load_refused(vec![rules_setup(config)]).await.to_string();
+    assert!(text.contains("/rules/0/reply") && text.contains("required"), "{text}");
+
+    let config = serde_json::json!({"rules": [{"keyword": "a", "reply": "ok"}, {"regex": "(", "reply": "x"}]});
+    let host = load(vec![rules_setup(config)]).await;
+    match &host.on_message(&at_22_13("b")).await[0].result {
+        Err(CallError::PluginError(why)) => {
+            assert!(why.contains("rules[1]") && why.contains("regex"), "{why}")
+        }
+        other => panic!("expected a plugin error, got {other:?}"),
+    }
+}
