@@ -60,6 +60,7 @@
 //! its schema and the component exports exactly the hooks it lists. A declared limit smaller
 //! than the operator's tightens the call budget.
 
+pub mod authoring;
 mod bindings;
 mod breaker;
 mod call;

@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
+use agentchatd::plugins::authoring::{self, SdkSource};
 use agentchatd::plugins::{
     BreakerSettings, CallError, Capabilities, Decision, Draft, Manifest, PluginError, PluginHost,
     PluginSetup, PluginSpec, PluginState, Verdict,
@@ -477,7 +478,10 @@ async fn a_bad_rule_is_refused_by_the_schema_or_reported_by_the_plugin() {
     let text = load_refused(vec![rules_setup(config)]).await.to_string();
     assert!(text.contains("/rules/0/reply") && text.contains("required"), "{text}");
 
-    let config = serde_json::json!({"rules": [{"keyword": "a", "reply": "ok"}, {"regex": "(", "reply": "x"}]});
+    let config = serde_json::json!({"rules": [
+        {"keyword": "a", "reply": "ok"},
+        {"regex": "(", "reply": "x"},
+    ]});
     let host = load(vec![rules_setup(config)]).await;
     match &host.on_message(&at_22_13("b")).await[0].result {
         Err(CallError::PluginError(why)) => {
@@ -485,4 +489,117 @@ async fn a_bad_rule_is_refused_by_the_schema_or_reported_by_the_plugin() {
         }
         other => panic!("expected a plugin error, got {other:?}"),
     }
+}
+
+// === authoring tools ===
+
+#[test]
+fn plugin_new_outside_the_repo_vendors_the_sdk_and_writes_a_valid_manifest() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let made = authoring::scaffold("my-bot", dir.path()).expect("scaffold");
+    assert_eq!(made.sdk, SdkSource::Vendored);
+
+    let read = |rel: &str| std::fs::read_to_string(made.dir.join(rel)).expect(rel);
+    assert!(
+        read("Cargo.toml")
+            .contains(r#"agentchat-plugin-sdk = { path = "vendor/agentchat-plugin-sdk" }"#)
+    );
+    assert!(read("src/lib.rs").contains("export_plugin!(MyBot);"));
+    assert!(read("README.md").contains("agentchatd plugin test"));
+    assert_eq!(read("vendor/wit/plugin.wit"), read_repo("plugins/wit/plugin.wit"));
+    assert_eq!(read("vendor/agentchat-plugin-sdk/src/lib.rs"), read_repo("plugins/sdk/src/lib.rs"));
+
+    let manifest = Manifest::load(&made.dir.join("agentchat-plugin.toml")).expect("manifest");
+    assert_eq!(manifest.id, "my-bot");
+    assert!(manifest.component.ends_with("target/wasm32-wasip2/release/my_bot.wasm"));
+
+    // Nothing is overwritten, and names that cannot be ids are refused.
+    let again = authoring::scaffold("my-bot", dir.path()).expect_err("exists");
+    assert!(matches!(again, authoring::AuthoringError::Exists { .. }), "{again}");
+    for bad in ["", "My Bot", "9lives", "../escape"] {
+        assert!(authoring::scaffold(bad, dir.path()).is_err(), "{bad:?} accepted");
+    }
+}
+
+#[test]
+fn plugin_new_inside_the_repo_depends_on_the_sdk_by_relative_path() {
+    let parent = tempfile::tempdir_in(repo_root().join("target")).expect("temp dir in target");
+    let made = authoring::scaffold("local", parent.path()).expect("scaffold");
+    let SdkSource::Repo(rel) = &made.sdk else {
+        panic!("expected a repo path, got {:?}", made.sdk)
+    };
+    assert!(rel.is_relative(), "{rel:?}");
+    let resolved = std::fs::canonicalize(made.dir.join(rel)).expect("the SDK path resolves");
+    assert_eq!(resolved, std::fs::canonicalize(repo_root().join("plugins/sdk")).expect("sdk"));
+    assert!(!made.dir.join("vendor").exists());
+}
+
+fn read_repo(rel: &str) -> String {
+    std::fs::read_to_string(repo_root().join(rel)).expect(rel)
+}
+
+fn run_cli(args: &[&std::ffi::OsStr]) -> std::process::Output {
+    std::process::Command::new(env!("CARGO_BIN_EXE_agentchatd"))
+        .args(args)
+        .env("AGENTCHATD_LOG", "warn")
+        .output()
+        .expect("run agentchatd")
+}
+
+#[test]
+fn plugin_test_prints_one_json_line_per_decision_and_fails_on_a_bad_plugin() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let messages = dir.path().join("messages.json");
+    let sample = vec![text_message("hi"), structured_message(r#"{"a":1}"#)];
+    std::fs::write(&messages, serde_json::to_string(&sample).expect("json")).expect("write");
+    let manifest = repo_root().join("plugins/echo/agentchat-plugin.toml");
+
+    let out = run_cli(&[
+        "plugin".as_ref(),
+        "test".as_ref(),
+        echo_plugin_path().as_os_str(),
+        "--manifest".as_ref(),
+        manifest.as_os_str(),
+        "--config".as_ref(),
+        r#"{"prefix": "re: "}"#.as_ref(),
+        "--messages".as_ref(),
+        messages.as_os_str(),
+    ]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let lines: Vec<serde_json::Value> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|line| serde_json::from_str(line).expect("a JSON line"))
+        .collect();
+    assert_eq!(
+        lines,
+        vec![
+            serde_json::json!({"message_id": "msg-1", "plugin": "echo", "decision": "reply",
+                "drafts": [{"conversation_id": null, "text": "re: hi", "data_json": null}]}),
+            serde_json::json!({"message_id": "msg-1", "plugin": "echo", "decision": "pass"}),
+        ]
+    );
+
+    // A config the schema refuses, and a file that is no component, both exit non-zero.
+    let bad_config = run_cli(&[
+        "plugin".as_ref(),
+        "test".as_ref(),
+        echo_plugin_path().as_os_str(),
+        "--manifest".as_ref(),
+        manifest.as_os_str(),
+        "--config".as_ref(),
+        r#"{"prefix": 1}"#.as_ref(),
+        "--messages".as_ref(),
+        messages.as_os_str(),
+    ]);
+    assert!(!bad_config.status.success());
+    assert!(String::from_utf8_lossy(&bad_config.stderr).contains("/prefix"));
+    let garbage = run_cli(&[
+        "plugin".as_ref(),
+        "test".as_ref(),
+        messages.as_os_str(),
+        "--messages".as_ref(),
+        messages.as_os_str(),
+    ]);
+    assert!(!garbage.status.success());
+    assert!(garbage.stdout.is_empty());
 }

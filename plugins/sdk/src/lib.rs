@@ -77,7 +77,9 @@ macro_rules! export_plugin {
             }
         }
 
-        $crate::bindings::__export_replier!(__AgentchatPluginExports with_types_in $crate::bindings);
+        $crate::bindings::__export_replier!(
+            __AgentchatPluginExports with_types_in $crate::bindings
+        );
     };
 }
 
