@@ -70,6 +70,11 @@ enum Command {
         #[arg(long)]
         id: Option<String>,
     },
+    /// Write and try plugins: scaffold a new one, or run one offline on sample messages.
+    Plugin {
+        #[command(subcommand)]
+        action: PluginAction,
+    },
     /// Run the local AgentChat-compatible server (for development and tests only).
     DevServer(agentchatd::server::DevServerArgs),
     /// Run the local server, the daemon with a plugin and a peer that talks to it.
@@ -99,6 +104,32 @@ enum OutboxAction {
     },
 }
 
+#[derive(Subcommand)]
+enum PluginAction {
+    /// Create a plugin crate that uses the Rust SDK.
+    New {
+        /// Plugin id and crate name.
+        name: String,
+        /// Folder to create it in.
+        #[arg(long, default_value = ".")]
+        dir: PathBuf,
+    },
+    /// Run a built plugin on sample messages and print each decision as a JSON line.
+    Test {
+        /// The plugin's .wasm component.
+        wasm: PathBuf,
+        /// Its agentchat-plugin.toml, to check it as the daemon would.
+        #[arg(long)]
+        manifest: Option<PathBuf>,
+        /// The plugin's config, a JSON object.
+        #[arg(long)]
+        config: Option<String>,
+        /// A JSON file holding an array of inbound messages.
+        #[arg(long)]
+        messages: PathBuf,
+    },
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
@@ -108,6 +139,7 @@ fn main() -> ExitCode {
             run_tool(|shutdown| agentchatd::server::run_dev_server(args, shutdown))
         }
         Command::Demo(args) => run_tool(|shutdown| agentchatd::demo::run(args, shutdown)),
+        Command::Plugin { action } => plugin_command(action),
         Command::Status { config } => {
             admin_command(&config, |c| async move { Ok((true, admin::status(&c).await?)) })
         }
@@ -129,6 +161,33 @@ fn main() -> ExitCode {
                 OutboxAction::Drop { id } => admin::drop_send(&c, id).await,
             }
         }),
+    }
+}
+
+/// `plugin new` and `plugin test`: prints what they return, exits 1 on any error.
+fn plugin_command(action: PluginAction) -> ExitCode {
+    use agentchatd::plugins::authoring;
+
+    init_logging(false);
+    let lines = match action {
+        PluginAction::New { name, dir } => authoring::scaffold(&name, &dir)
+            .map(|made| vec![format!("created {} ({:?})", made.dir.display(), made.sdk)]),
+        PluginAction::Test { wasm, manifest, config, messages } => {
+            let test = authoring::OfflineTest { wasm, manifest, config_json: config, messages };
+            authoring::run_offline_blocking(&test)
+        }
+    };
+    match lines {
+        Ok(lines) => {
+            for line in lines {
+                println!("{line}");
+            }
+            ExitCode::SUCCESS
+        }
+        Err(err) => {
+            eprintln!("agentchatd: {err}");
+            ExitCode::FAILURE
+        }
     }
 }
 

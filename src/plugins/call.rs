@@ -15,6 +15,7 @@ use wasmtime_wasi::p2::{OutputStream, Pollable, StreamError};
 use wasmtime_wasi::{WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView};
 
 use super::bindings::{self, ReplierPre, agentchat};
+use super::breaker::Breaker;
 use super::engine::deadline_ticks;
 use super::{CallError, Decision, validate};
 
@@ -53,6 +54,14 @@ pub(crate) struct CallTarget {
     pub config: Arc<PluginConfig>,
     pub timeout: Duration,
     pub memory_limit_bytes: usize,
+    /// A std mutex: it is held for a few instructions and never across an `.await`.
+    pub breaker: Mutex<Breaker>,
+}
+
+impl CallTarget {
+    pub(crate) fn lock_breaker(&self) -> std::sync::MutexGuard<'_, Breaker> {
+        self.breaker.lock().unwrap_or_else(PoisonError::into_inner)
+    }
 }
 
 /// Store data of one call.

@@ -72,6 +72,46 @@ pub enum PluginError {
         reason: String,
     },
 
+    /// The plugin's manifest does not match its spec or its component.
+    #[error("plugin `{id}`: manifest {path}: `{key}` {reason}")]
+    Manifest {
+        /// The plugin id from the spec.
+        id: String,
+        /// The manifest file.
+        path: PathBuf,
+        /// The manifest key at fault (`id`, `hooks`, `limits.memory-mib`, ...).
+        key: String,
+        /// What does not match and what to change.
+        reason: String,
+    },
+
+    /// The manifest asks for capabilities the operator did not grant.
+    #[error(
+        "plugin `{id}` asks for capabilities that are not granted: {missing}; grant them in the \
+         plugin's entry or do not enable the plugin"
+    )]
+    NotGranted {
+        /// The plugin id from the spec.
+        id: String,
+        /// The capabilities missing, comma-separated.
+        missing: String,
+    },
+
+    /// The operator's config does not fit the manifest's config schema.
+    #[error("plugin `{id}`: config field `{field}` {reason}; fix the plugin's config")]
+    ConfigSchema {
+        /// The plugin id from the spec.
+        id: String,
+        /// JSON pointer of the offending field (`/` for the whole config).
+        field: String,
+        /// What the schema refused.
+        reason: String,
+    },
+
+    /// The manifest file itself is invalid.
+    #[error("plugin manifest {0}")]
+    ManifestFile(#[from] super::ManifestError),
+
     /// The compilation cache directory could not be prepared.
     #[error("plugin cache directory {path}: {reason}; fix its permissions or choose another one")]
     Cache {
@@ -123,4 +163,28 @@ pub enum CallError {
     /// The plugin itself reported an error through `plugin-error`.
     #[error("plugin reported an error: {0}; the call counts as a pass")]
     PluginError(String),
+
+    /// The plugin failed too often and sits out a cooldown; it was not run.
+    #[error(
+        "plugin is suspended after repeated failures for another {remaining:?}; the call counts \
+         as a pass"
+    )]
+    Suspended {
+        /// Time left in the cooldown.
+        remaining: Duration,
+    },
+}
+
+impl CallError {
+    /// Whether this failure counts towards suspending the plugin: the guest misbehaved, as
+    /// opposed to reporting an error itself or not being run at all.
+    pub fn counts_as_failure(&self) -> bool {
+        matches!(
+            self,
+            CallError::Trap(_)
+                | CallError::Timeout { .. }
+                | CallError::MemoryLimit
+                | CallError::BadOutput(_)
+        )
+    }
 }

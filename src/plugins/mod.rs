@@ -20,6 +20,16 @@
 //! is deterministic over the same message and a retry would only fail again, in a loop.
 //! Callers see the failure as a [`Verdict`] whose result is `Err`.
 //!
+//! # The breaker
+//!
+//! A plugin whose calls trap, time out, hit the memory limit or return bad output
+//! [`BreakerSettings::max_failures`] times within [`BreakerSettings::window`] is suspended for
+//! [`BreakerSettings::cooldown`] (defaults: 5 in 60 s, 5 minutes). While suspended its calls
+//! return [`CallError::Suspended`] at once, without running the guest, and count as a pass.
+//! Suspension is logged at warn, the end of it at info when the next call arrives, and
+//! [`PluginHost::status`] shows the state. An error the plugin reports itself does not count:
+//! that is the plugin working as designed (an upstream it needs is down, say).
+//!
 //! # Output limits
 //!
 //! A draft must set `text` or `data-json` (or both); `text` holds at most
@@ -40,12 +50,24 @@
 //! # What this module does not do
 //!
 //! It sends nothing and stores nothing: drafts are returned to the caller, who queues them.
-//! It does not read plugin manifests yet, and it does not reload plugins while running.
+//! It does not reload plugins while running.
+//!
+//! # Manifests
+//!
+//! A plugin may come with an `agentchat-plugin.toml` ([`Manifest`]). When a [`PluginSetup`]
+//! carries one, the host refuses to start the plugin unless its id matches, every capability
+//! it asks for is granted, its declared limits fit the operator's, the operator's config fits
+//! its schema and the component exports exactly the hooks it lists. A declared limit smaller
+//! than the operator's tightens the call budget.
 
+pub mod authoring;
 mod bindings;
+mod breaker;
 mod call;
 mod engine;
 mod error;
+mod manifest;
+mod schema;
 mod validate;
 
 #[cfg(test)]
@@ -61,10 +83,16 @@ use tokio::sync::Semaphore;
 use tracing::Instrument;
 use wasmtime::component::{Component, HasSelf, Linker};
 
+pub use breaker::BreakerSettings;
 pub use engine::{EPOCH_TICK, MAX_CONCURRENT_CALLS};
 pub use error::{CallError, PluginError};
+pub use manifest::{
+    Capabilities, KNOWN_HOOKS, MANIFEST_FILE, Manifest, ManifestError, ManifestLimits,
+};
+pub use schema::{ConfigSchema, Violation};
 pub use validate::{MAX_DRAFTS_PER_DECISION, MAX_TEXT_BYTES};
 
+use breaker::{Breaker, Transition};
 use call::{CallState, CallTarget, PluginConfig};
 use engine::{EngineSettings, EpochTicker};
 
@@ -105,6 +133,63 @@ impl PluginSpec {
             timeout: DEFAULT_TIMEOUT,
             memory_limit_bytes: DEFAULT_MEMORY_LIMIT_BYTES,
         }
+    }
+}
+
+/// A [`PluginSpec`] with what the operator and the plugin's author add to it: the manifest and
+/// the capabilities granted. Every `load` argument converts into one, so plain specs still work.
+#[derive(Debug, Clone)]
+pub struct PluginSetup {
+    /// How to load and run the plugin.
+    pub spec: PluginSpec,
+    /// The plugin's manifest; without one, none of the manifest checks run.
+    pub manifest: Option<Manifest>,
+    /// Capabilities the operator grants; nothing by default.
+    pub granted: Capabilities,
+    /// When repeated failures suspend the plugin.
+    pub breaker: BreakerSettings,
+}
+
+impl From<PluginSpec> for PluginSetup {
+    fn from(spec: PluginSpec) -> PluginSetup {
+        PluginSetup {
+            spec,
+            manifest: None,
+            granted: Capabilities::default(),
+            breaker: BreakerSettings::default(),
+        }
+    }
+}
+
+impl PluginSpec {
+    /// This spec checked against `manifest` at load.
+    pub fn with_manifest(self, manifest: Manifest) -> PluginSetup {
+        PluginSetup { manifest: Some(manifest), ..PluginSetup::from(self) }
+    }
+}
+
+impl PluginSetup {
+    /// A setup that takes the id and component path from `manifest`, with default limits.
+    pub fn from_manifest(manifest: Manifest) -> PluginSetup {
+        PluginSpec::new(manifest.id.clone(), manifest.component.clone()).with_manifest(manifest)
+    }
+
+    /// This setup with the operator's config (a JSON object as text).
+    pub fn with_config(mut self, config_json: impl Into<String>) -> PluginSetup {
+        self.spec.config_json = config_json.into();
+        self
+    }
+
+    /// This setup with other breaker settings.
+    pub fn with_breaker(mut self, breaker: BreakerSettings) -> PluginSetup {
+        self.breaker = breaker;
+        self
+    }
+
+    /// This setup with `granted` as the operator's grants.
+    pub fn with_grants(mut self, granted: Capabilities) -> PluginSetup {
+        self.granted = granted;
+        self
     }
 }
 
@@ -180,6 +265,33 @@ pub struct Draft {
     pub data_json: Option<String>,
 }
 
+/// Breaker state of one plugin, from [`PluginHost::status`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PluginStatus {
+    /// The plugin id.
+    pub id: String,
+    /// Whether it runs.
+    pub state: PluginState,
+    /// Counted failures still inside the breaker window (reset when a suspension starts).
+    pub recent_failures: u32,
+    /// Counted failures since the host was loaded.
+    pub total_failures: u64,
+}
+
+/// Whether a plugin runs or sits out a cooldown.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PluginState {
+    /// Calls run.
+    Active,
+    /// Calls return [`CallError::Suspended`] until the cooldown ends.
+    Suspended {
+        /// Time left in the cooldown.
+        remaining: Duration,
+        /// When it ends, by the wall clock (for display only).
+        until: std::time::SystemTime,
+    },
+}
+
 /// Loaded plugins and the engine that runs them. Cheap to share behind an `Arc`; calls on
 /// different messages may run concurrently.
 pub struct PluginHost {
@@ -202,14 +314,28 @@ impl PluginHost {
     /// A [`PluginError`] naming the plugin, its path and what to fix: bad settings or config,
     /// an unreadable file, a file that is not a component, or a component that does not fit
     /// the `replier` world. Also fails when the cache directory cannot be prepared.
-    pub async fn load(
-        specs: Vec<PluginSpec>,
+    ///
+    /// A setup with a manifest is also refused when the manifest does not match the spec, the
+    /// grants, the config or the component's exports (see the module docs); the message names
+    /// the plugin and the field.
+    pub async fn load<S: Into<PluginSetup>>(
+        setups: Vec<S>,
         cache_dir: Option<PathBuf>,
     ) -> Result<PluginHost, PluginError> {
-        let mut configs = Vec::with_capacity(specs.len());
-        for (idx, spec) in specs.iter().enumerate() {
-            check_spec(spec, &specs[..idx])?;
-            configs.push(Arc::new(parse_config(spec)?));
+        let setups: Vec<PluginSetup> = setups.into_iter().map(Into::into).collect();
+        let mut specs: Vec<PluginSpec> = Vec::with_capacity(setups.len());
+        let mut configs = Vec::with_capacity(setups.len());
+        let mut manifests = Vec::with_capacity(setups.len());
+        for setup in setups {
+            check_spec(&setup.spec, &specs)?;
+            let spec = apply_manifest(setup.spec, setup.manifest.as_ref(), &setup.granted)?;
+            let config = parse_config(&spec)?;
+            if let Some(schema) = setup.manifest.as_ref().and_then(|m| m.config_schema.as_ref()) {
+                check_config_schema(&spec.id, schema, &config)?;
+            }
+            configs.push((Arc::new(config), setup.breaker));
+            manifests.push(setup.manifest);
+            specs.push(spec);
         }
 
         let cache_dir = match cache_dir {
@@ -224,8 +350,10 @@ impl PluginHost {
         let linker = build_linker(&engine)?;
 
         let mut plugins = Vec::with_capacity(specs.len());
-        for (spec, config) in specs.into_iter().zip(configs) {
-            plugins.push(Arc::new(load_one(&engine, &linker, spec, config).await?));
+        for ((spec, (config, breaker)), manifest) in specs.into_iter().zip(configs).zip(manifests) {
+            let mut target = load_one(&engine, &linker, spec, config, manifest.as_ref()).await?;
+            target.breaker = std::sync::Mutex::new(Breaker::new(breaker));
+            plugins.push(Arc::new(target));
         }
 
         let ticker = EpochTicker::start(&engine)?;
@@ -258,15 +386,68 @@ impl PluginHost {
         self.plugins.iter().map(|plugin| plugin.id.to_string()).collect()
     }
 
+    /// Breaker state of every plugin, in call order, for the daemon's status output.
+    pub fn status(&self) -> Vec<PluginStatus> {
+        let now = tokio::time::Instant::now();
+        self.plugins
+            .iter()
+            .map(|plugin| {
+                let (recent_failures, remaining, total_failures) =
+                    plugin.lock_breaker().snapshot(now);
+                let state = match remaining {
+                    None => PluginState::Active,
+                    Some(remaining) => PluginState::Suspended {
+                        remaining,
+                        until: std::time::SystemTime::now() + remaining,
+                    },
+                };
+                PluginStatus { id: plugin.id.to_string(), state, recent_failures, total_failures }
+            })
+            .collect()
+    }
+
     /// One call on its own task: a panic in wasmtime or in our import code then surfaces as a
-    /// failed call instead of unwinding through the daemon.
+    /// failed call instead of unwinding through the daemon. A suspended plugin is not run.
     async fn call(
         &self,
         plugin: &Arc<CallTarget>,
         msg: &Arc<bindings::wit::InboundMessage>,
         message_id: &str,
     ) -> Result<Decision, CallError> {
-        let span = tracing::info_span!("plugin_call", plugin = %plugin.id, message_id);
+        let admitted = plugin.lock_breaker().admit(tokio::time::Instant::now());
+        match admitted {
+            Err(remaining) => {
+                let remaining_ms = u64::try_from(remaining.as_millis()).unwrap_or(u64::MAX);
+                tracing::debug!(plugin = %plugin.id, message_id, remaining_ms, "plugin skipped");
+                return Err(CallError::Suspended { remaining });
+            }
+            Ok(Some(Transition::Resumed)) => tracing::info!(plugin = %plugin.id, "plugin resumed"),
+            Ok(_) => {}
+        }
+
+        let result = self.spawn_call(plugin, msg, message_id).await;
+        if result.as_ref().is_err_and(CallError::counts_as_failure) {
+            let tripped = plugin.lock_breaker().record_failure(tokio::time::Instant::now());
+            if let Some(Transition::Suspended { failures }) = tripped {
+                let cooldown_secs = plugin.lock_breaker().cooldown().as_secs();
+                tracing::warn!(
+                    plugin = %plugin.id,
+                    failures,
+                    cooldown_secs,
+                    "plugin suspended after repeated failures"
+                );
+            }
+        }
+        result
+    }
+
+    async fn spawn_call(
+        &self,
+        plugin: &Arc<CallTarget>,
+        msg: &Arc<bindings::wit::InboundMessage>,
+        message_id: &str,
+    ) -> Result<Decision, CallError> {
+        let span = tracing::debug_span!("plugin_call", plugin = %plugin.id, message_id);
         let (target, msg, slots) = (plugin.clone(), msg.clone(), self.call_slots.clone());
         let task = tokio::spawn(
             async move {
@@ -331,6 +512,110 @@ fn check_spec(spec: &PluginSpec, earlier: &[PluginSpec]) -> Result<(), PluginErr
     Ok(())
 }
 
+/// Checks `spec` against its manifest and returns it with the manifest's tighter limits.
+fn apply_manifest(
+    mut spec: PluginSpec,
+    manifest: Option<&Manifest>,
+    granted: &Capabilities,
+) -> Result<PluginSpec, PluginError> {
+    let Some(manifest) = manifest else {
+        return Ok(spec);
+    };
+    let fail = |key: &str, reason: String| PluginError::Manifest {
+        id: spec.id.clone(),
+        path: manifest.path.clone(),
+        key: key.to_string(),
+        reason,
+    };
+
+    if manifest.id != spec.id {
+        let reason = format!("is `{}`; the configured id must be the same", manifest.id);
+        return Err(fail("id", reason));
+    }
+    let missing = manifest.capabilities.missing_from(granted);
+    if !missing.is_empty() {
+        return Err(PluginError::NotGranted { id: spec.id.clone(), missing: missing.join(", ") });
+    }
+
+    if let Some(mib) = manifest.limits.memory_mib {
+        let wanted = usize::try_from(mib).unwrap_or(usize::MAX).saturating_mul(1 << 20);
+        if wanted > spec.memory_limit_bytes {
+            let reason = format!(
+                "asks for {mib} MiB but the operator allows {} bytes; raise the plugin's memory \
+                 limit",
+                spec.memory_limit_bytes
+            );
+            return Err(fail("limits.memory-mib", reason));
+        }
+        spec.memory_limit_bytes = wanted.max(MIN_MEMORY_LIMIT_BYTES);
+    }
+    if let Some(wanted) = manifest.limits.hook_timeout {
+        if wanted > spec.timeout {
+            let reason = format!(
+                "asks for {wanted:?} per call but the operator allows {:?}; raise the plugin's \
+                 timeout",
+                spec.timeout
+            );
+            return Err(fail("limits.hook-timeout-ms", reason));
+        }
+        spec.timeout = wanted;
+    }
+    Ok(spec)
+}
+
+/// Refuses a config that does not fit the manifest's schema, naming the first bad field.
+fn check_config_schema(
+    id: &str,
+    schema: &ConfigSchema,
+    config: &PluginConfig,
+) -> Result<(), PluginError> {
+    let violations = schema.validate(&serde_json::Value::Object(config.values.clone()));
+    let Some(first) = violations.first() else {
+        return Ok(());
+    };
+    let mut reason = first.reason.clone();
+    if violations.len() > 1 {
+        reason.push_str(&format!(" (and {} more problems)", violations.len() - 1));
+    }
+    let field = if first.pointer.is_empty() { "/".to_string() } else { first.pointer.clone() };
+    Err(PluginError::ConfigSchema { id: id.to_string(), field, reason })
+}
+
+/// Refuses a component whose `agentchat:plugin` exports differ from the manifest's hooks.
+fn check_exports(
+    engine: &wasmtime::Engine,
+    component: &Component,
+    spec: &PluginSpec,
+    manifest: &Manifest,
+) -> Result<(), PluginError> {
+    let exported: Vec<String> = component
+        .component_type()
+        .exports(engine)
+        .filter_map(|(name, _)| {
+            let rest = name.strip_prefix("agentchat:plugin/")?;
+            Some(rest.split('@').next().unwrap_or(rest).to_string())
+        })
+        .collect();
+    let missing: Vec<&str> =
+        manifest.hooks.iter().filter(|h| !exported.contains(h)).map(String::as_str).collect();
+    let unlisted: Vec<&str> =
+        exported.iter().filter(|e| !manifest.hooks.contains(e)).map(String::as_str).collect();
+    if missing.is_empty() && unlisted.is_empty() {
+        return Ok(());
+    }
+    Err(PluginError::Manifest {
+        id: spec.id.clone(),
+        path: manifest.path.clone(),
+        key: "hooks".to_string(),
+        reason: format!(
+            "lists {:?} but {} exports {exported:?} (missing: {missing:?}, not listed: \
+             {unlisted:?}); make the list match the component",
+            manifest.hooks,
+            spec.path.display()
+        ),
+    })
+}
+
 /// Parses the operator's config once, so calls only look values up.
 fn parse_config(spec: &PluginSpec) -> Result<PluginConfig, PluginError> {
     let fail = |reason: String| PluginError::Config {
@@ -369,6 +654,7 @@ async fn load_one(
     linker: &Linker<CallState>,
     spec: PluginSpec,
     config: Arc<PluginConfig>,
+    manifest: Option<&Manifest>,
 ) -> Result<CallTarget, PluginError> {
     let started = Instant::now();
     let bytes = tokio::fs::read(&spec.path).await.map_err(|source| PluginError::Read {
@@ -386,6 +672,9 @@ async fn load_one(
         Ok(Err(err)) => return Err(compile_error(&spec, format!("{err:#}"))),
         Err(join_err) => return Err(compile_error(&spec, join_err.to_string())),
     };
+    if let Some(manifest) = manifest {
+        check_exports(engine, &component, &spec, manifest)?;
+    }
 
     let link_error = |err: wasmtime::Error| PluginError::Link {
         id: spec.id.clone(),
@@ -403,6 +692,7 @@ async fn load_one(
         config,
         timeout: spec.timeout,
         memory_limit_bytes: spec.memory_limit_bytes,
+        breaker: std::sync::Mutex::new(Breaker::new(BreakerSettings::default())),
     })
 }
 

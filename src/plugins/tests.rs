@@ -1,6 +1,7 @@
 //! Unit tests of the plugin host's pure parts: output validation, config parsing, spec checks
 //! and deadline arithmetic. Tests that run guests live in `tests/it/plugins.rs`.
 
+use std::path::Path;
 use std::time::Duration;
 
 use super::engine::{EPOCH_TICK, deadline_ticks};
@@ -109,4 +110,194 @@ fn deadline_covers_the_whole_budget() {
     assert_eq!(deadline_ticks(Duration::from_millis(1)), 2);
     assert_eq!(deadline_ticks(EPOCH_TICK * 10 + Duration::from_millis(1)), 12);
     assert!(deadline_ticks(Duration::MAX) > 1);
+}
+
+// === manifest and config schema ===
+
+const MANIFEST: &str = r#"
+id = "demo"
+name = "Demo"
+version = "1.2.3"
+api = "agentchat:plugin@0.1.0"
+component = "demo.wasm"
+hooks = ["inbound"]
+
+[capabilities]
+send = true
+http-allowed-hosts = ["api.example.com"]
+
+[limits]
+memory-mib = 8
+hook-timeout-ms = 50
+
+[config-schema]
+type = "object"
+required = ["greeting"]
+additionalProperties = false
+properties.greeting = { type = "string", minLength = 1, maxLength = 5 }
+properties.mode = { enum = ["loud", "quiet"] }
+properties.count = { type = "integer", minimum = 1, maximum = 3 }
+properties.tags = { type = "array", items = { type = "string" }, maxItems = 2 }
+"#;
+
+fn parse_manifest(text: &str) -> Result<Manifest, ManifestError> {
+    Manifest::parse(text, Path::new("/plugins/demo/agentchat-plugin.toml"))
+}
+
+fn invalid_key(text: &str) -> (String, String) {
+    match parse_manifest(text) {
+        Err(ManifestError::Invalid { key, reason, .. }) => (key, reason),
+        other => panic!("expected an invalid key, got {other:?}"),
+    }
+}
+
+#[test]
+fn a_full_manifest_is_read_with_paths_resolved_against_its_folder() {
+    let manifest = parse_manifest(MANIFEST).expect("valid manifest");
+    assert_eq!(manifest.id, "demo");
+    assert_eq!(manifest.component, Path::new("/plugins/demo/demo.wasm"));
+    assert_eq!(manifest.hooks, ["inbound"]);
+    assert!(manifest.capabilities.send && !manifest.capabilities.kv);
+    assert_eq!(manifest.limits.memory_mib, Some(8));
+    assert_eq!(manifest.limits.hook_timeout, Some(Duration::from_millis(50)));
+    assert!(manifest.config_schema.is_some());
+}
+
+#[test]
+fn manifest_errors_name_the_file_and_the_key() {
+    let (key, why) = invalid_key(&MANIFEST.replace("agentchat:plugin@0.1.0", "other:pkg@0.1.0"));
+    assert_eq!(key, "api");
+    assert!(why.contains("agentchat:plugin@0.1.0"), "{why}");
+
+    let (key, _) = invalid_key(&MANIFEST.replace("@0.1.0", "@0.2.0"));
+    assert_eq!(key, "api", "a newer minor version is refused");
+
+    let (key, why) = invalid_key(&MANIFEST.replace(r#"["inbound"]"#, r#"["inbound", "tick"]"#));
+    assert_eq!(key, "hooks");
+    assert!(why.contains("tick"), "{why}");
+
+    let (key, _) = invalid_key(&MANIFEST.replace("1.2.3", "one"));
+    assert_eq!(key, "version");
+    let (key, _) = invalid_key(&MANIFEST.replace("memory-mib = 8", "memory-mib = 0"));
+    assert_eq!(key, "limits.memory-mib");
+    let (key, _) = invalid_key(&MANIFEST.replace(r#"id = "demo""#, r#"id = "Bad Id""#));
+    assert_eq!(key, "id");
+
+    let (key, why) = invalid_key(&MANIFEST.replace("maxItems = 2", "pattern = \"x\""));
+    assert_eq!(key, "config-schema");
+    assert!(why.contains("pattern"), "{why}");
+
+    let err = parse_manifest(&MANIFEST.replace("hooks =", "hookz =")).expect_err("unknown key");
+    let text = err.to_string();
+    assert!(text.contains("agentchat-plugin.toml") && text.contains("hookz"), "{text}");
+}
+
+#[test]
+fn the_echo_manifest_in_the_repo_is_valid() {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("plugins/echo/agentchat-plugin.toml");
+    let manifest = Manifest::load(&path).expect("echo manifest");
+    assert_eq!(manifest.id, "echo");
+    assert!(manifest.component.ends_with("target/wasm32-wasip2/release/echo.wasm"));
+}
+
+fn violations(value: serde_json::Value) -> Vec<(String, String)> {
+    let manifest = parse_manifest(MANIFEST).expect("valid manifest");
+    let schema = manifest.config_schema.expect("schema");
+    schema.validate(&value).into_iter().map(|v| (v.pointer, v.reason)).collect()
+}
+
+#[test]
+fn the_schema_accepts_a_conforming_config() {
+    let config = serde_json::json!({"greeting": "hi", "mode": "loud", "count": 2, "tags": ["a"]});
+    assert_eq!(violations(config), vec![]);
+}
+
+#[test]
+fn the_schema_names_each_bad_field() {
+    let config = serde_json::json!({
+        "greeting": "far too long",
+        "mode": "shouting",
+        "count": 2.5,
+        "tags": ["a", 1, "c"],
+        "colour": "red",
+    });
+    let found = violations(config);
+    let pointers: Vec<&str> = found.iter().map(|(p, _)| p.as_str()).collect();
+    assert_eq!(pointers, ["/colour", "/count", "/greeting", "/mode", "/tags", "/tags/1"]);
+    assert!(found[0].1.contains("known keys"), "{found:?}");
+    assert!(found[1].1.contains("integer"), "{found:?}");
+    assert!(found[2].1.contains("at most 5"), "{found:?}");
+    assert!(found[3].1.contains("\"loud\""), "{found:?}");
+
+    let missing = violations(serde_json::json!({"count": 0}));
+    assert_eq!(
+        missing,
+        vec![
+            ("/greeting".to_string(), "is required but missing".to_string()),
+            ("/count".to_string(), "0 is below the minimum 1".to_string()),
+        ]
+    );
+}
+
+#[test]
+fn capabilities_not_granted_are_named() {
+    let manifest = parse_manifest(MANIFEST).expect("valid manifest");
+    let granted = Capabilities { send: true, ..Capabilities::default() };
+    assert_eq!(
+        manifest.capabilities.missing_from(&granted),
+        ["http-allowed-hosts: api.example.com"]
+    );
+    let all = Capabilities { http_allowed_hosts: vec!["API.example.com".into()], ..granted };
+    assert!(manifest.capabilities.missing_from(&all).is_empty());
+}
+
+// === breaker ===
+
+fn breaker_settings() -> BreakerSettings {
+    BreakerSettings {
+        max_failures: std::num::NonZeroU32::new(3).expect("non-zero"),
+        window: Duration::from_secs(10),
+        cooldown: Duration::from_secs(60),
+    }
+}
+
+#[test]
+fn failures_spread_wider_than_the_window_never_trip_the_breaker() {
+    let mut breaker = breaker::Breaker::new(breaker_settings());
+    let start = tokio::time::Instant::now();
+    for n in 0..10 {
+        let now = start + Duration::from_secs(6) * n;
+        assert_eq!(breaker.admit(now), Ok(None), "call {n}");
+        assert_eq!(breaker.record_failure(now), None, "failure {n}");
+    }
+    assert_eq!(breaker.snapshot(start + Duration::from_secs(54)).2, 10);
+}
+
+#[test]
+fn the_breaker_trips_at_the_limit_and_resumes_after_the_cooldown() {
+    let mut breaker = breaker::Breaker::new(breaker_settings());
+    let start = tokio::time::Instant::now();
+    assert_eq!(breaker.record_failure(start), None);
+    assert_eq!(breaker.record_failure(start + Duration::from_secs(1)), None);
+    let tripped = breaker.record_failure(start + Duration::from_secs(2));
+    assert_eq!(tripped, Some(breaker::Transition::Suspended { failures: 3 }));
+
+    let during = start + Duration::from_secs(30);
+    assert_eq!(breaker.admit(during), Err(Duration::from_secs(32)));
+    assert_eq!(breaker.record_failure(during), None, "a late failure changes nothing");
+
+    let after = start + Duration::from_secs(62);
+    assert_eq!(breaker.admit(after), Ok(Some(breaker::Transition::Resumed)));
+    assert_eq!(breaker.admit(after), Ok(None));
+    assert_eq!(breaker.snapshot(after), (0, None, 4));
+}
+
+#[test]
+fn only_misbehaviour_counts_as_a_failure() {
+    assert!(CallError::Trap("x".into()).counts_as_failure());
+    assert!(CallError::Timeout { budget: Duration::from_millis(1) }.counts_as_failure());
+    assert!(CallError::MemoryLimit.counts_as_failure());
+    assert!(CallError::BadOutput("x".into()).counts_as_failure());
+    assert!(!CallError::PluginError("x".into()).counts_as_failure());
+    assert!(!CallError::Suspended { remaining: Duration::from_secs(1) }.counts_as_failure());
 }

@@ -2,18 +2,23 @@
 //! for wasm32-wasip2 and small hand-written WAT components that trap, loop, over-allocate or
 //! return fixed decisions.
 
+use std::num::NonZeroU32;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
+use agentchatd::plugins::authoring::{self, SdkSource};
 use agentchatd::plugins::{
-    CallError, Decision, Draft, PluginError, PluginHost, PluginSpec, Verdict,
+    BreakerSettings, CallError, Capabilities, Decision, Draft, Manifest, PluginError, PluginHost,
+    PluginSetup, PluginSpec, PluginState, Verdict,
 };
 
-use crate::support::{echo_plugin_path, structured_message, text_message, write_wat_guest};
+use crate::support::{
+    echo_plugin_path, repo_root, structured_message, text_message, write_wat_guest,
+};
 
 /// Loads `specs` without a cache, failing the test on a load error.
-async fn load(specs: Vec<PluginSpec>) -> PluginHost {
+async fn load<S: Into<PluginSetup>>(specs: Vec<S>) -> PluginHost {
     match PluginHost::load(specs, None).await {
         Ok(host) => host,
         Err(err) => panic!("load failed: {err}"),
@@ -255,4 +260,355 @@ async fn the_compile_cache_is_reused_and_a_corrupt_entry_is_rebuilt() {
     let rebuilt = std::fs::read(entry).expect("read rebuilt entry");
     assert_ne!(rebuilt, b"corrupt");
     assert_eq!(rebuilt.len(), first.len());
+}
+
+// === manifests ===
+
+fn echo_manifest() -> Manifest {
+    let path = repo_root().join("plugins/echo/agentchat-plugin.toml");
+    Manifest::load(&path).expect("the echo manifest is valid")
+}
+
+async fn load_refused(setups: Vec<PluginSetup>) -> PluginError {
+    match PluginHost::load(setups, None).await {
+        Ok(_) => panic!("the load should be refused"),
+        Err(err) => err,
+    }
+}
+
+#[tokio::test]
+async fn echo_loads_from_its_manifest_and_its_prefix_config_is_checked() {
+    let setup = PluginSetup::from_manifest(echo_manifest()).with_config(r#"{"prefix": "> "}"#);
+    assert_eq!(setup.spec.path, echo_plugin_path());
+    let host = load(vec![setup]).await;
+    let verdicts = host.on_message(&text_message("hi")).await;
+    assert_eq!(summary(&verdicts), vec![("echo", &Ok(Decision::Reply(vec![text_draft("> hi")])))]);
+
+    let bad = PluginSetup::from_manifest(echo_manifest()).with_config(r#"{"prefix": 7}"#);
+    let err = load_refused(vec![bad]).await;
+    let text = err.to_string();
+    assert!(matches!(err, PluginError::ConfigSchema { .. }), "{text}");
+    assert!(
+        text.contains("`echo`") && text.contains("/prefix") && text.contains("string"),
+        "{text}"
+    );
+
+    let unknown = PluginSetup::from_manifest(echo_manifest()).with_config(r#"{"prefx": "x"}"#);
+    let text = load_refused(vec![unknown]).await.to_string();
+    assert!(text.contains("/prefx") && text.contains("prefix"), "{text}");
+}
+
+#[tokio::test]
+async fn a_manifest_that_does_not_match_refuses_the_plugin_naming_the_field() {
+    // The configured id differs from the manifest's.
+    let setup = PluginSpec::new("other", echo_plugin_path()).with_manifest(echo_manifest());
+    match load_refused(vec![setup]).await {
+        PluginError::Manifest { id, key, .. } => {
+            assert_eq!((id.as_str(), key.as_str()), ("other", "id"))
+        }
+        other => panic!("expected a manifest error, got {other}"),
+    }
+
+    // The manifest asks for more memory than the operator allows.
+    let mut manifest = echo_manifest();
+    manifest.limits.memory_mib = Some(64);
+    let text = load_refused(vec![PluginSetup::from_manifest(manifest)]).await.to_string();
+    assert!(text.contains("limits.memory-mib") && text.contains("64 MiB"), "{text}");
+
+    // A capability the operator did not grant.
+    let mut manifest = echo_manifest();
+    manifest.capabilities.http_allowed_hosts = vec!["api.example.com".to_string()];
+    let err = load_refused(vec![PluginSetup::from_manifest(manifest.clone())]).await;
+    let text = err.to_string();
+    assert!(matches!(err, PluginError::NotGranted { .. }), "{text}");
+    assert!(text.contains("`echo`") && text.contains("api.example.com"), "{text}");
+    let granted = Capabilities {
+        http_allowed_hosts: vec!["api.example.com".to_string()],
+        ..Capabilities::default()
+    };
+    load(vec![PluginSetup::from_manifest(manifest).with_grants(granted)]).await;
+}
+
+#[tokio::test]
+async fn hooks_must_match_the_component_exports() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let empty = dir.path().join("empty.wasm");
+    std::fs::write(&empty, wat::parse_str("(component)").expect("wat")).expect("write");
+    let mut manifest = echo_manifest();
+    manifest.component = empty;
+
+    match load_refused(vec![PluginSetup::from_manifest(manifest)]).await {
+        PluginError::Manifest { key, reason, .. } => {
+            assert_eq!(key, "hooks");
+            assert!(reason.contains("missing: [\"inbound\"]"), "{reason}");
+        }
+        other => panic!("expected a manifest error, got {other}"),
+    }
+}
+
+#[tokio::test]
+async fn a_declared_smaller_timeout_tightens_the_budget() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let mut manifest = echo_manifest();
+    manifest.id = "spinner".to_string();
+    manifest.limits.hook_timeout = Some(Duration::from_millis(20));
+    let spec = PluginSpec::new("spinner", write_wat_guest(dir.path(), "spin"));
+    let host = load(vec![spec.with_manifest(manifest)]).await;
+
+    let verdicts = host.on_message(&text_message("hi")).await;
+    assert_eq!(verdicts[0].result, Err(CallError::Timeout { budget: Duration::from_millis(20) }));
+}
+
+// === breaker ===
+
+#[tokio::test(start_paused = true)]
+async fn repeated_traps_suspend_the_plugin_until_the_cooldown_ends() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let breaker = BreakerSettings {
+        max_failures: NonZeroU32::new(3).expect("non-zero"),
+        window: Duration::from_secs(60),
+        cooldown: Duration::from_secs(300),
+    };
+    let trapper = PluginSetup::from(wat_spec(dir.path(), "trapper", "trap")).with_breaker(breaker);
+    let host = load(vec![trapper, echo_spec("echo").into()]).await;
+
+    for round in 0..3 {
+        let verdicts = host.on_message(&text_message("hi")).await;
+        assert!(matches!(verdicts[0].result, Err(CallError::Trap(_))), "round {round}");
+        tokio::time::advance(Duration::from_secs(1)).await;
+    }
+    let status = host.status();
+    assert!(matches!(status[0].state, PluginState::Suspended { .. }), "{status:?}");
+    assert_eq!((status[0].total_failures, status[1].state), (3, PluginState::Active));
+
+    // Suspended: the guest is not run, and the next plugin still is.
+    let verdicts = host.on_message(&text_message("hi")).await;
+    match verdicts[0].result {
+        Err(CallError::Suspended { remaining }) => {
+            assert_eq!(remaining, Duration::from_secs(299))
+        }
+        ref other => panic!("expected a suspension, got {other:?}"),
+    }
+    assert_eq!(verdicts[1].result, Ok(Decision::Reply(vec![text_draft("echo: hi")])));
+    assert_eq!(host.status()[0].total_failures, 3, "a skipped call is not a failure");
+
+    // After the cooldown the guest runs again (and traps again).
+    tokio::time::advance(Duration::from_secs(300)).await;
+    assert_eq!(host.status()[0].state, PluginState::Active);
+    let verdicts = host.on_message(&text_message("hi")).await;
+    assert!(matches!(verdicts[0].result, Err(CallError::Trap(_))));
+    assert_eq!(host.status()[0].recent_failures, 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn errors_the_plugin_reports_itself_never_suspend_it() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let host = load(vec![wat_spec(dir.path(), "failing", "failing")]).await;
+    for _ in 0..10 {
+        let verdicts = host.on_message(&text_message("hi")).await;
+        assert!(matches!(verdicts[0].result, Err(CallError::PluginError(_))));
+    }
+    assert_eq!(host.status()[0].state, PluginState::Active);
+}
+
+// === the rules plugin ===
+
+/// The rules plugin with `config`, checked against its manifest's schema.
+fn rules_setup(config: serde_json::Value) -> PluginSetup {
+    // Building the guest workspace for echo builds every example plugin.
+    let wasm = echo_plugin_path().with_file_name("rules.wasm");
+    let manifest = Manifest::load(&repo_root().join("plugins/rules/agentchat-plugin.toml"))
+        .expect("the rules manifest is valid");
+    PluginSpec::new("rules", wasm).with_manifest(manifest).with_config(config.to_string())
+}
+
+fn rules_config() -> serde_json::Value {
+    serde_json::json!({
+        "rules": [
+            {"keyword": "PRICE", "reply": "See our price list."},
+            {"regex": r"^(hi|hello)\b", "reply": "Hello!", "claim": true},
+            {"keyword": "hello", "reply": "never reached: the regex above wins"},
+        ]
+    })
+}
+
+/// The message `text_message` builds arrives at 22:13 UTC.
+fn at_22_13(text: &str) -> agentchatd::plugins::InboundMessage {
+    let msg = text_message(text);
+    assert_eq!((msg.received_at_ms / 60_000) % 1440, 22 * 60 + 13);
+    msg
+}
+
+#[tokio::test]
+async fn rules_answer_with_the_first_matching_rule() {
+    let host = load(vec![rules_setup(rules_config()), echo_spec("echo").into()]).await;
+
+    let verdicts = host.on_message(&at_22_13("what is the price?")).await;
+    let expected = Decision::Reply(vec![text_draft("See our price list.")]);
+    assert_eq!(verdicts[0].result, Ok(expected));
+    assert_eq!(verdicts.len(), 2, "a reply lets later plugins run");
+
+    let verdicts = host.on_message(&at_22_13("hello there")).await;
+    assert_eq!(
+        summary(&verdicts),
+        vec![("rules", &Ok(Decision::Claim(vec![text_draft("Hello!")])))]
+    );
+
+    let verdicts = host.on_message(&at_22_13("say hello")).await;
+    let expected = Decision::Reply(vec![text_draft("never reached: the regex above wins")]);
+    assert_eq!(verdicts[0].result, Ok(expected), "the anchored regex does not match here");
+
+    let verdicts = host.on_message(&at_22_13("nothing to see")).await;
+    assert_eq!(verdicts[0].result, Ok(Decision::Pass));
+    let verdicts = host.on_message(&structured_message(r#"{"price":1}"#)).await;
+    assert_eq!(verdicts[0].result, Ok(Decision::Pass));
+}
+
+#[tokio::test]
+async fn rules_stay_quiet_inside_quiet_hours_only() {
+    let mut quiet = rules_config();
+    quiet["quiet-hours"] = serde_json::json!({"start": "22:00", "end": "07:00"});
+    let mut awake = rules_config();
+    awake["quiet-hours"] = serde_json::json!({"start": "08:00", "end": "22:13"});
+    let mut quiet_host = rules_setup(quiet);
+    quiet_host.spec.id = "quiet".to_string();
+    quiet_host.manifest.as_mut().expect("manifest").id = "quiet".to_string();
+    let host = load(vec![quiet_host, rules_setup(awake)]).await;
+
+    let verdicts = host.on_message(&at_22_13("price?")).await;
+    assert_eq!(verdicts[0].result, Ok(Decision::Pass), "22:13 is inside 22:00-07:00");
+    let expected = Decision::Reply(vec![text_draft("See our price list.")]);
+    assert_eq!(verdicts[1].result, Ok(expected), "the end of a window is not included");
+}
+
+#[tokio::test]
+async fn a_bad_rule_is_refused_by_the_schema_or_reported_by_the_plugin() {
+    let config = serde_json::json!({"rules": [{"keyword": "x"}]});
+    let text = load_refused(vec![rules_setup(config)]).await.to_string();
+    assert!(text.contains("/rules/0/reply") && text.contains("required"), "{text}");
+
+    let config = serde_json::json!({"rules": [
+        {"keyword": "a", "reply": "ok"},
+        {"regex": "(", "reply": "x"},
+    ]});
+    let host = load(vec![rules_setup(config)]).await;
+    match &host.on_message(&at_22_13("b")).await[0].result {
+        Err(CallError::PluginError(why)) => {
+            assert!(why.contains("rules[1]") && why.contains("regex"), "{why}")
+        }
+        other => panic!("expected a plugin error, got {other:?}"),
+    }
+}
+
+// === authoring tools ===
+
+#[test]
+fn plugin_new_outside_the_repo_vendors_the_sdk_and_writes_a_valid_manifest() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let made = authoring::scaffold("my-bot", dir.path()).expect("scaffold");
+    assert_eq!(made.sdk, SdkSource::Vendored);
+
+    let read = |rel: &str| std::fs::read_to_string(made.dir.join(rel)).expect(rel);
+    assert!(
+        read("Cargo.toml")
+            .contains(r#"agentchat-plugin-sdk = { path = "vendor/agentchat-plugin-sdk" }"#)
+    );
+    assert!(read("src/lib.rs").contains("export_plugin!(MyBot);"));
+    assert!(read("README.md").contains("agentchatd plugin test"));
+    assert_eq!(read("vendor/wit/plugin.wit"), read_repo("plugins/wit/plugin.wit"));
+    assert_eq!(read("vendor/agentchat-plugin-sdk/src/lib.rs"), read_repo("plugins/sdk/src/lib.rs"));
+
+    let manifest = Manifest::load(&made.dir.join("agentchat-plugin.toml")).expect("manifest");
+    assert_eq!(manifest.id, "my-bot");
+    assert!(manifest.component.ends_with("target/wasm32-wasip2/release/my_bot.wasm"));
+
+    // Nothing is overwritten, and names that cannot be ids are refused.
+    let again = authoring::scaffold("my-bot", dir.path()).expect_err("exists");
+    assert!(matches!(again, authoring::AuthoringError::Exists { .. }), "{again}");
+    for bad in ["", "My Bot", "9lives", "../escape"] {
+        assert!(authoring::scaffold(bad, dir.path()).is_err(), "{bad:?} accepted");
+    }
+}
+
+#[test]
+fn plugin_new_inside_the_repo_depends_on_the_sdk_by_relative_path() {
+    let parent = tempfile::tempdir_in(repo_root().join("target")).expect("temp dir in target");
+    let made = authoring::scaffold("local", parent.path()).expect("scaffold");
+    let SdkSource::Repo(rel) = &made.sdk else {
+        panic!("expected a repo path, got {:?}", made.sdk)
+    };
+    assert!(rel.is_relative(), "{rel:?}");
+    let resolved = std::fs::canonicalize(made.dir.join(rel)).expect("the SDK path resolves");
+    assert_eq!(resolved, std::fs::canonicalize(repo_root().join("plugins/sdk")).expect("sdk"));
+    assert!(!made.dir.join("vendor").exists());
+}
+
+fn read_repo(rel: &str) -> String {
+    std::fs::read_to_string(repo_root().join(rel)).expect(rel)
+}
+
+fn run_cli(args: &[&std::ffi::OsStr]) -> std::process::Output {
+    std::process::Command::new(env!("CARGO_BIN_EXE_agentchatd"))
+        .args(args)
+        .env("AGENTCHATD_LOG", "warn")
+        .output()
+        .expect("run agentchatd")
+}
+
+#[test]
+fn plugin_test_prints_one_json_line_per_decision_and_fails_on_a_bad_plugin() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let messages = dir.path().join("messages.json");
+    let sample = vec![text_message("hi"), structured_message(r#"{"a":1}"#)];
+    std::fs::write(&messages, serde_json::to_string(&sample).expect("json")).expect("write");
+    let manifest = repo_root().join("plugins/echo/agentchat-plugin.toml");
+
+    let out = run_cli(&[
+        "plugin".as_ref(),
+        "test".as_ref(),
+        echo_plugin_path().as_os_str(),
+        "--manifest".as_ref(),
+        manifest.as_os_str(),
+        "--config".as_ref(),
+        r#"{"prefix": "re: "}"#.as_ref(),
+        "--messages".as_ref(),
+        messages.as_os_str(),
+    ]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let lines: Vec<serde_json::Value> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|line| serde_json::from_str(line).expect("a JSON line"))
+        .collect();
+    assert_eq!(
+        lines,
+        vec![
+            serde_json::json!({"message_id": "msg-1", "plugin": "echo", "decision": "reply",
+                "drafts": [{"conversation_id": null, "text": "re: hi", "data_json": null}]}),
+            serde_json::json!({"message_id": "msg-1", "plugin": "echo", "decision": "pass"}),
+        ]
+    );
+
+    // A config the schema refuses, and a file that is no component, both exit non-zero.
+    let bad_config = run_cli(&[
+        "plugin".as_ref(),
+        "test".as_ref(),
+        echo_plugin_path().as_os_str(),
+        "--manifest".as_ref(),
+        manifest.as_os_str(),
+        "--config".as_ref(),
+        r#"{"prefix": 1}"#.as_ref(),
+        "--messages".as_ref(),
+        messages.as_os_str(),
+    ]);
+    assert!(!bad_config.status.success());
+    assert!(String::from_utf8_lossy(&bad_config.stderr).contains("/prefix"));
+    let garbage = run_cli(&[
+        "plugin".as_ref(),
+        "test".as_ref(),
+        messages.as_os_str(),
+        "--messages".as_ref(),
+        messages.as_os_str(),
+    ]);
+    assert!(!garbage.status.success());
+    assert!(garbage.stdout.is_empty());
 }
