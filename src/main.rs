@@ -168,7 +168,7 @@ fn main() -> ExitCode {
 fn plugin_command(action: PluginAction) -> ExitCode {
     use agentchatd::plugins::authoring;
 
-    init_logging(false);
+    logging::init(LogStyle::detect(false));
     let lines = match action {
         PluginAction::New { name, dir } => authoring::scaffold(&name, &dir)
             .map(|made| vec![format!("created {} ({:?})", made.dir.display(), made.sdk)]),
