@@ -85,3 +85,68 @@ fn an_api_base_with_the_version_path_is_refused() {
     assert_eq!(out.status.code(), Some(78));
     assert!(String::from_utf8_lossy(&out.stderr).contains("without the /v1 path"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_refuses_a_broken_config_and_sigterm_stops_the_process_cleanly() {
+    use tokio::io::AsyncBufReadExt;
+
+    let world = crate::harness::World::start().await;
+    let key_file = world.dir.path().join("api-key");
+    std::fs::write(&key_file, &world.agent_key).expect("key");
+    let path = world.dir.path().join("agentchatd.toml");
+    let good = format!(
+        "[agent]\napi_base = \"{}\"\napi_key_file = \"{}\"\n[state]\ndir = \"state\"\n\
+         [[plugins]]\nid = \"echo\"\npath = \"{}\"\n",
+        world.server.base_url(),
+        key_file.display(),
+        crate::support::echo_plugin_path().display()
+    );
+    std::fs::write(&path, good).expect("config");
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_agentchatd"))
+        .args(["run", "--config"])
+        .arg(&path)
+        .env("AGENTCHATD_LOG", "info")
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("daemon starts");
+    let pid = child.id().expect("pid").to_string();
+    let log = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+    let reader = {
+        let log = std::sync::Arc::clone(&log);
+        let mut lines = tokio::io::BufReader::new(child.stderr.take().expect("stderr")).lines();
+        tokio::spawn(async move {
+            while let Ok(Some(line)) = lines.next_line().await {
+                let mut log = log.lock().expect("lock");
+                log.push_str(&line);
+                log.push('\n');
+            }
+        })
+    };
+
+    let conversation = world.open_thread().await;
+    std::fs::write(&path, "[agent]\napi_base = 42\n").expect("broken config");
+    let hup = std::process::Command::new("kill").args(["-HUP", &pid]).status().expect("kill");
+    assert!(hup.success());
+    for _ in 0..400 {
+        if log.lock().expect("lock").contains("reload refused") {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(25)).await;
+    }
+    assert!(log.lock().expect("lock").contains("reload refused"), "{}", log.lock().expect("lock"));
+    world.peer_says("after-hup", "still answering?").await;
+    let replies = world.wait_for_replies(&conversation, 2).await;
+    assert_eq!(replies[1].content.text.as_deref(), Some("echo: still answering?"));
+
+    let term = std::process::Command::new("kill").args(["-TERM", &pid]).status().expect("kill");
+    assert!(term.success());
+    let status = tokio::time::timeout(std::time::Duration::from_secs(20), child.wait())
+        .await
+        .expect("the daemon stops within 20 s")
+        .expect("exit status");
+    assert_eq!(status.code(), Some(0), "{}", log.lock().expect("lock"));
+    let _ = reader.await;
+    let log = log.lock().expect("lock");
+    assert!(!log.contains(&world.agent_key), "the key never reaches the log");
+}
