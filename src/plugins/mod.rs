@@ -81,7 +81,7 @@ use tokio::sync::Semaphore;
 use tracing::Instrument;
 use wasmtime::component::{Component, HasSelf, Linker};
 
-pub use breaker::BreakerSettings;
+pub use breaker::{BreakerSettings, MAX_BREAKER_SPAN};
 pub use engine::{EPOCH_TICK, MAX_CONCURRENT_CALLS};
 pub use error::{CallError, PluginError};
 pub use manifest::{
@@ -384,6 +384,7 @@ impl PluginHost {
     /// Breaker state of every plugin, in call order, for the daemon's status output.
     pub fn status(&self) -> Vec<PluginStatus> {
         let now = tokio::time::Instant::now();
+        let now_wall = std::time::SystemTime::now();
         self.plugins
             .iter()
             .map(|plugin| {
@@ -393,7 +394,7 @@ impl PluginHost {
                     None => PluginState::Active,
                     Some(remaining) => PluginState::Suspended {
                         remaining,
-                        until: std::time::SystemTime::now() + remaining,
+                        until: now_wall.checked_add(remaining).unwrap_or(now_wall),
                     },
                 };
                 PluginStatus { id: plugin.id.to_string(), state, recent_failures, total_failures }
