@@ -15,14 +15,18 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
+/// Longest window and cooldown honoured; longer settings are cut to it, which keeps the
+/// deadline arithmetic far from overflow.
+pub const MAX_BREAKER_SPAN: Duration = Duration::from_secs(30 * 24 * 3600);
+
 /// When a plugin is suspended and for how long.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct BreakerSettings {
     /// Failures within `window` that suspend the plugin. Default 5.
     pub max_failures: NonZeroU32,
-    /// How far back failures count. Default 60 s.
+    /// How far back failures count. Default 60 s, at most [`MAX_BREAKER_SPAN`].
     pub window: Duration,
-    /// How long a suspension lasts. Default 5 min.
+    /// How long a suspension lasts. Default 5 min, at most [`MAX_BREAKER_SPAN`].
     pub cooldown: Duration,
 }
 
@@ -57,7 +61,9 @@ pub(crate) struct Breaker {
 }
 
 impl Breaker {
-    pub(crate) fn new(settings: BreakerSettings) -> Breaker {
+    pub(crate) fn new(mut settings: BreakerSettings) -> Breaker {
+        settings.window = settings.window.min(MAX_BREAKER_SPAN);
+        settings.cooldown = settings.cooldown.min(MAX_BREAKER_SPAN);
         Breaker { settings, recent: VecDeque::new(), suspended_until: None, total_failures: 0 }
     }
 

@@ -83,7 +83,7 @@ use tokio::sync::Semaphore;
 use tracing::Instrument;
 use wasmtime::component::{Component, HasSelf, Linker};
 
-pub use breaker::BreakerSettings;
+pub use breaker::{BreakerSettings, MAX_BREAKER_SPAN};
 pub use engine::{EPOCH_TICK, MAX_CONCURRENT_CALLS};
 pub use error::{CallError, PluginError};
 pub use manifest::{
@@ -389,6 +389,7 @@ impl PluginHost {
     /// Breaker state of every plugin, in call order, for the daemon's status output.
     pub fn status(&self) -> Vec<PluginStatus> {
         let now = tokio::time::Instant::now();
+        let now_wall = std::time::SystemTime::now();
         self.plugins
             .iter()
             .map(|plugin| {
@@ -398,7 +399,7 @@ impl PluginHost {
                     None => PluginState::Active,
                     Some(remaining) => PluginState::Suspended {
                         remaining,
-                        until: std::time::SystemTime::now() + remaining,
+                        until: now_wall.checked_add(remaining).unwrap_or(now_wall),
                     },
                 };
                 PluginStatus { id: plugin.id.to_string(), state, recent_failures, total_failures }
