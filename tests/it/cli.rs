@@ -150,3 +150,21 @@ async fn sighup_refuses_a_broken_config_and_sigterm_stops_the_process_cleanly() 
     let log = log.lock().expect("lock");
     assert!(!log.contains(&world.agent_key), "the key never reaches the log");
 }
+
+#[test]
+fn the_shipped_sample_messages_run_through_plugin_test() {
+    let root = env!("CARGO_MANIFEST_DIR");
+    let out = agentchatd()
+        .args(["plugin", "test"])
+        .arg(crate::support::echo_plugin_path())
+        .args(["--messages", &format!("{root}/examples/messages.json")])
+        .output()
+        .expect("runs");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let lines: Vec<serde_json::Value> =
+        stdout.lines().map(|l| serde_json::from_str(l).expect("json line")).collect();
+    assert_eq!(lines.len(), 2, "{stdout}");
+    assert_eq!(lines[0]["drafts"][0]["text"], "echo: ping");
+    assert_eq!(lines[1]["decision"], "pass");
+}
