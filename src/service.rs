@@ -317,11 +317,10 @@ fn plugin_specs(config: &Config) -> Vec<PluginSpec> {
         .plugins
         .iter()
         .map(|p| PluginSpec {
-            id: p.id.clone(),
-            path: p.path.clone(),
             config_json: p.config_json.clone(),
             timeout: p.timeout,
             memory_limit_bytes: p.memory_limit_bytes,
+            ..PluginSpec::new(p.id.clone(), p.path.clone())
         })
         .collect()
 }
