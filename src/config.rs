@@ -188,6 +188,8 @@ pub struct Config {
     pub transport: Transport,
     /// Pause between polls when the inbox is idle.
     pub poll_interval: Duration,
+    /// Caps on automatic replies per conversation and per peer within a window.
+    pub loop_guard: crate::inbox::LoopGuard,
     /// Ceiling on API requests per second made by this daemon.
     pub requests_per_second: u32,
     /// Slack added to the one-second pacing window so jitter in request travel times cannot
@@ -223,6 +225,7 @@ impl Config {
             state_dir,
             transport: Transport::Auto,
             poll_interval: Duration::from_millis(DEFAULT_POLL_INTERVAL_MS),
+            loop_guard: crate::inbox::LoopGuard::default(),
             requests_per_second: DEFAULT_REQUESTS_PER_SECOND,
             window_margin: Duration::from_millis(DEFAULT_WINDOW_MARGIN_MS),
             cold_threads_per_day: DEFAULT_COLD_THREADS_PER_DAY,
@@ -298,6 +301,12 @@ struct RawInbox {
     transport: Option<Transport>,
     #[serde(default)]
     poll_interval_ms: Option<Spanned<u64>>,
+    #[serde(default)]
+    max_auto_replies_per_conversation: Option<Spanned<u32>>,
+    #[serde(default)]
+    max_auto_replies_per_peer: Option<Spanned<u32>>,
+    #[serde(default)]
+    auto_reply_window_secs: Option<Spanned<u64>>,
 }
 
 #[derive(Deserialize)]
@@ -434,7 +443,26 @@ pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
         None => return Err(ctx.missing("state.dir", "add a [state] table with `dir = \"…\"`")),
     };
 
-    let inbox = raw.inbox.unwrap_or(RawInbox { transport: None, poll_interval_ms: None });
+    let inbox = raw.inbox.unwrap_or(RawInbox {
+        transport: None,
+        poll_interval_ms: None,
+        max_auto_replies_per_conversation: None,
+        max_auto_replies_per_peer: None,
+        auto_reply_window_secs: None,
+    });
+    let mut loop_guard = crate::inbox::LoopGuard::default();
+    if let Some(n) = &inbox.max_auto_replies_per_conversation {
+        let n = ctx.in_range("inbox.max_auto_replies_per_conversation", n, 1, 1_000_000)?;
+        loop_guard.per_conversation = u32::try_from(n).unwrap_or(u32::MAX);
+    }
+    if let Some(n) = &inbox.max_auto_replies_per_peer {
+        let n = ctx.in_range("inbox.max_auto_replies_per_peer", n, 1, 1_000_000)?;
+        loop_guard.per_peer = u32::try_from(n).unwrap_or(u32::MAX);
+    }
+    if let Some(secs) = &inbox.auto_reply_window_secs {
+        let secs = ctx.in_range("inbox.auto_reply_window_secs", secs, 1, 86_400)?;
+        loop_guard.window = Duration::from_secs(secs);
+    }
     let poll_interval_ms = match &inbox.poll_interval_ms {
         Some(ms) => ctx.in_range("inbox.poll_interval_ms", ms, 50, 3_600_000)?,
         None => DEFAULT_POLL_INTERVAL_MS,
@@ -533,6 +561,7 @@ pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
         state_dir,
         transport: inbox.transport.unwrap_or(Transport::Auto),
         poll_interval: Duration::from_millis(poll_interval_ms),
+        loop_guard,
         requests_per_second,
         window_margin: Duration::from_millis(window_margin_ms),
         cold_threads_per_day,

@@ -167,13 +167,16 @@ pub async fn run_with(config: Config, controls: Controls) -> Result<(), ServiceE
     tracing::info!(agent = %me, api = %config.api_base, "agent identified");
 
     let wake = Arc::new(Notify::new());
-    let processor = Arc::new(Processor::new(
-        store.clone(),
-        plugins,
-        me.clone(),
-        Arc::clone(&wake),
-        Arc::clone(&telemetry.metrics),
-    ));
+    let processor = Arc::new(
+        Processor::new(
+            store.clone(),
+            plugins,
+            me.clone(),
+            Arc::clone(&wake),
+            Arc::clone(&telemetry.metrics),
+        )
+        .with_loop_guard(config.loop_guard),
+    );
     telemetry.heartbeat.register(INBOX_LOOP);
     telemetry.heartbeat.register(OUTBOX_LOOP);
 
@@ -496,6 +499,7 @@ fn restart_only_changes(old: &Config, new: &Config) -> Vec<&'static str> {
     check(old.state_dir != new.state_dir, "state.dir");
     check(old.transport != new.transport, "inbox.transport");
     check(old.poll_interval != new.poll_interval, "inbox.poll_interval_ms");
+    check(old.loop_guard != new.loop_guard, "inbox.max_auto_replies_*");
     check(old.requests_per_second != new.requests_per_second, "outbox.requests_per_second");
     check(old.window_margin != new.window_margin, "outbox.window_margin_ms");
     check(old.cold_threads_per_day != new.cold_threads_per_day, "outbox.cold_threads_per_day");

@@ -26,7 +26,7 @@ use crate::ops::metrics::Metrics;
 use crate::outbox::{new_send, now_ms, reply_key};
 use crate::plugins::{self, ContentKind, ConversationKind, Decision, Draft, PluginHost};
 use crate::service::INBOX_LOOP;
-use crate::store::{NewSend, Store, StoreError};
+use crate::store::{Inbound, NewSend, Store, StoreError};
 
 /// Why the inbox stopped.
 #[derive(Debug, thiserror::Error)]
@@ -62,6 +62,24 @@ pub struct Processor {
     me: String,
     outbox_wake: Arc<Notify>,
     metrics: Arc<Metrics>,
+    guard: LoopGuard,
+}
+
+/// Caps on automatic replies, so agents whose plugins answer each other come to rest.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LoopGuard {
+    /// Replies at most this many times per conversation within `window`.
+    pub per_conversation: u32,
+    /// Replies at most this many times to one sender (all conversations) within `window`.
+    pub per_peer: u32,
+    /// The sliding window the caps count in.
+    pub window: Duration,
+}
+
+impl Default for LoopGuard {
+    fn default() -> Self {
+        Self { per_conversation: 100, per_peer: 300, window: Duration::from_secs(600) }
+    }
 }
 
 impl Processor {
@@ -73,12 +91,48 @@ impl Processor {
         outbox_wake: Arc<Notify>,
         metrics: Arc<Metrics>,
     ) -> Self {
-        Self { store, plugins: RwLock::new(plugins), me, outbox_wake, metrics }
+        Self {
+            store,
+            plugins: RwLock::new(plugins),
+            me,
+            outbox_wake,
+            metrics,
+            guard: LoopGuard::default(),
+        }
     }
 
     /// Replaces the plugin set for the messages handled from now on.
     pub fn swap_plugins(&self, plugins: Arc<PluginHost>) {
         *self.plugins.write().unwrap_or_else(|p| p.into_inner()) = plugins;
+    }
+
+    /// Sets the caps on automatic replies.
+    #[must_use]
+    pub fn with_loop_guard(mut self, guard: LoopGuard) -> Self {
+        self.guard = guard;
+        self
+    }
+
+    /// Whether answering `message` would exceed the automatic-reply caps. Two agents whose
+    /// plugins answer each other come to rest here, whatever the plugins do.
+    async fn over_reply_cap(&self, message: &Message) -> Result<bool, StoreError> {
+        let window_ms = i64::try_from(self.guard.window.as_millis()).unwrap_or(i64::MAX);
+        let since = now_ms().saturating_sub(window_ms);
+        let (in_conversation, to_sender) =
+            self.store.recent_replies(&message.conversation_id, &message.sender, since).await?;
+        let capped = in_conversation >= u64::from(self.guard.per_conversation)
+            || to_sender >= u64::from(self.guard.per_peer);
+        if capped {
+            tracing::warn!(
+                conversation = %message.conversation_id,
+                peer = %message.sender,
+                in_conversation,
+                to_sender,
+                window_secs = self.guard.window.as_secs(),
+                "automatic replies capped; the message is acknowledged without a reply"
+            );
+        }
+        Ok(capped)
     }
 
     /// The metrics this processor (and the inbox around it) updates.
@@ -98,16 +152,7 @@ impl Processor {
             return Ok(Handled::Duplicate);
         }
         if message.sender == self.me {
-            self.store
-                .record_processed(
-                    &message.id,
-                    &message.conversation_id,
-                    message.seq,
-                    "own",
-                    vec![],
-                    now_ms(),
-                )
-                .await?;
+            self.store.record_processed(inbound_key(message), "own", vec![], now_ms()).await?;
             return Ok(Handled::Own);
         }
 
@@ -159,19 +204,14 @@ impl Processor {
             }
         }
 
+        if !sends.is_empty() && self.over_reply_cap(message).await? {
+            sends.clear();
+            outcome.push("capped".to_owned());
+        }
         let replies = sends.len();
         let outcome = if outcome.is_empty() { "pass".to_owned() } else { outcome.join(",") };
-        let fresh = self
-            .store
-            .record_processed(
-                &message.id,
-                &message.conversation_id,
-                message.seq,
-                &outcome,
-                sends,
-                now_ms(),
-            )
-            .await?;
+        let fresh =
+            self.store.record_processed(inbound_key(message), &outcome, sends, now_ms()).await?;
         if !fresh {
             return Ok(Handled::Duplicate);
         }
@@ -181,6 +221,15 @@ impl Processor {
         }
         tracing::debug!(message_id = %message.id, %outcome, replies, "message processed");
         Ok(Handled::Processed { replies })
+    }
+}
+
+fn inbound_key(message: &Message) -> Inbound<'_> {
+    Inbound {
+        id: &message.id,
+        conversation_id: &message.conversation_id,
+        sender: &message.sender,
+        seq: message.seq,
     }
 }
 

@@ -30,10 +30,14 @@ CREATE TABLE meta (
 CREATE TABLE processed (
     message_id TEXT PRIMARY KEY,
     conversation_id TEXT NOT NULL,
+    sender TEXT NOT NULL,
     seq INTEGER NOT NULL,
     outcome TEXT NOT NULL,
+    replies INTEGER NOT NULL,
     processed_ms INTEGER NOT NULL
 );
+CREATE INDEX processed_conversation ON processed (conversation_id, processed_ms);
+CREATE INDEX processed_sender ON processed (sender, processed_ms);
 CREATE TABLE outbox (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
     client_msg_id TEXT NOT NULL UNIQUE,
@@ -102,6 +106,19 @@ pub enum StoreError {
     /// A blocking task running a store operation died.
     #[error("state store task failed: {0}")]
     Task(String),
+}
+
+/// The identity of an inbound message, as the store records it.
+#[derive(Debug, Clone, Copy)]
+pub struct Inbound<'a> {
+    /// `msg_…`.
+    pub id: &'a str,
+    /// Its conversation.
+    pub conversation_id: &'a str,
+    /// Its sender's handle.
+    pub sender: &'a str,
+    /// Its per-conversation sequence number.
+    pub seq: u64,
 }
 
 /// A handle to the state database, cheap to clone and safe to share between tasks.
@@ -207,22 +224,25 @@ impl Store {
     /// On SQLite failure; then nothing was recorded.
     pub async fn record_processed(
         &self,
-        message_id: &str,
-        conversation_id: &str,
-        seq: u64,
+        message: Inbound<'_>,
         outcome: &str,
         sends: Vec<NewSend>,
         now_ms: i64,
     ) -> Result<bool, StoreError> {
-        let (id, conv, outcome) =
-            (message_id.to_owned(), conversation_id.to_owned(), outcome.to_owned());
-        let seq = i64::try_from(seq).unwrap_or(i64::MAX);
+        let (id, conv, sender, outcome) = (
+            message.id.to_owned(),
+            message.conversation_id.to_owned(),
+            message.sender.to_owned(),
+            outcome.to_owned(),
+        );
+        let seq = i64::try_from(message.seq).unwrap_or(i64::MAX);
+        let replies = i64::try_from(sends.len()).unwrap_or(i64::MAX);
         self.call(move |c| {
             let tx = c.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
             let inserted = tx.execute(
-                "INSERT OR IGNORE INTO processed (message_id, conversation_id, seq, outcome,
-                 processed_ms) VALUES (?1, ?2, ?3, ?4, ?5)",
-                params![id, conv, seq, outcome, now_ms],
+                "INSERT OR IGNORE INTO processed (message_id, conversation_id, sender, seq,
+                 outcome, replies, processed_ms) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+                params![id, conv, sender, seq, outcome, replies, now_ms],
             )?;
             if inserted == 0 {
                 return Ok(false);
@@ -232,6 +252,33 @@ impl Store {
             }
             tx.commit()?;
             Ok(true)
+        })
+        .await
+    }
+
+    /// Automatic replies queued since `since_ms`: (in `conversation_id`, to `sender` anywhere).
+    ///
+    /// # Errors
+    /// On SQLite failure.
+    pub async fn recent_replies(
+        &self,
+        conversation_id: &str,
+        sender: &str,
+        since_ms: i64,
+    ) -> Result<(u64, u64), StoreError> {
+        let (conv, sender) = (conversation_id.to_owned(), sender.to_owned());
+        self.call(move |c| {
+            let count = |column: &str, value: &str| {
+                c.query_row(
+                    &format!(
+                        "SELECT COALESCE(SUM(replies), 0) FROM processed
+                         WHERE {column} = ?1 AND processed_ms > ?2"
+                    ),
+                    params![value, since_ms],
+                    |r| r.get::<_, u64>(0),
+                )
+            };
+            Ok((count("conversation_id", &conv)?, count("sender", &sender)?))
         })
         .await
     }

@@ -15,12 +15,22 @@ async fn processing_is_recorded_once_with_its_sends() {
     let dir = tempfile::tempdir().expect("tempdir");
     let store = Store::open(dir.path()).expect("open");
     let first = store
-        .record_processed("msg_1", "conv_1", 1, "reply", vec![send("r1", "bob")], 10)
+        .record_processed(
+            Inbound { id: "msg_1", conversation_id: "conv_1", sender: "alice", seq: 1 },
+            "reply",
+            vec![send("r1", "bob")],
+            10,
+        )
         .await
         .expect("record");
     assert!(first);
     let again = store
-        .record_processed("msg_1", "conv_1", 1, "reply", vec![send("r2", "bob")], 11)
+        .record_processed(
+            Inbound { id: "msg_1", conversation_id: "conv_1", sender: "alice", seq: 1 },
+            "reply",
+            vec![send("r2", "bob")],
+            11,
+        )
         .await
         .expect("record again");
     assert!(!again, "a second record of the same message must be refused");
@@ -36,7 +46,15 @@ async fn state_survives_reopening_the_file() {
     {
         let store = Store::open(dir.path()).expect("open");
         store.set_meta("sync_cursor", "del_x".into()).await.expect("meta");
-        store.record_processed("msg_1", "c", 1, "pass", vec![], 1).await.expect("record");
+        store
+            .record_processed(
+                Inbound { id: "msg_1", conversation_id: "c", sender: "alice", seq: 1 },
+                "pass",
+                vec![],
+                1,
+            )
+            .await
+            .expect("record");
     }
     let store = Store::open(dir.path()).expect("reopen");
     assert_eq!(store.meta("sync_cursor").await.expect("meta"), Some("del_x".into()));
@@ -169,4 +187,41 @@ async fn dead_letters_can_be_listed_retried_and_dropped() {
         store.outbox_counts().await.expect("counts"),
         OutboxCounts { pending: 0, sent: 1, dead: 0 }
     );
+}
+
+#[tokio::test]
+async fn recent_replies_are_counted_by_conversation_and_by_sender() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = Store::open(dir.path()).expect("open");
+    let two = vec![send("a", "alice"), send("b", "alice")];
+    store
+        .record_processed(
+            Inbound { id: "m1", conversation_id: "conv_1", sender: "alice", seq: 1 },
+            "reply",
+            two,
+            100,
+        )
+        .await
+        .expect("record");
+    store
+        .record_processed(
+            Inbound { id: "m2", conversation_id: "grp_1", sender: "alice", seq: 1 },
+            "reply",
+            vec![send("c", "g")],
+            200,
+        )
+        .await
+        .expect("record");
+    store
+        .record_processed(
+            Inbound { id: "m3", conversation_id: "conv_1", sender: "alice", seq: 2 },
+            "pass",
+            vec![],
+            300,
+        )
+        .await
+        .expect("record");
+    assert_eq!(store.recent_replies("conv_1", "alice", 0).await.expect("count"), (2, 3));
+    assert_eq!(store.recent_replies("conv_1", "alice", 150).await.expect("count"), (0, 1));
+    assert_eq!(store.recent_replies("conv_2", "bob", 0).await.expect("count"), (0, 0));
 }

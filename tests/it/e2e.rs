@@ -8,6 +8,7 @@ use agentchatd::config::Transport;
 use agentchatd::store::Store;
 
 use crate::harness::{Daemon, World, plugin};
+
 use crate::support::echo_plugin_path;
 
 async fn check_exchange(transport: Transport) {
@@ -175,4 +176,58 @@ async fn daemon_waits_for_an_unreachable_server_then_serves() {
     assert!(answered, "the daemon answered once the server came up");
     daemon.stop().await;
     server.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_echo_daemons_answering_each_other_come_to_rest_within_the_cap() {
+    let world = World::start().await;
+    let guard = agentchatd::inbox::LoopGuard {
+        per_conversation: 5,
+        per_peer: 50,
+        window: Duration::from_secs(600),
+    };
+    let mut agent = world.config(Transport::Websocket, vec![plugin("echo", echo_plugin_path())]);
+    agent.loop_guard = guard;
+    // The peer runs its own daemon with the same plugin and the same caps.
+    let peer_dir = tempfile::tempdir().expect("tempdir");
+    let peer_key = world.server.seed_agent("bouncer").await.expect("seed");
+    let mut peer = crate::harness::daemon_config(
+        &world.server.base_url(),
+        &peer_key,
+        peer_dir.path(),
+        Transport::Websocket,
+        vec![plugin("echo", echo_plugin_path())],
+    );
+    peer.loop_guard = guard;
+    let first = Daemon::spawn(agent.clone());
+    let second = Daemon::spawn(peer.clone());
+    let peer_store = Store::open(&peer.state_dir).expect("store");
+    agentchatd::outbox::queue_operator_send(&peer_store, crate::harness::AGENT, "ping", "kick")
+        .await
+        .expect("queue");
+
+    // Wait until neither side sends any more (bounded), then count what each sent.
+    let agent_store = Store::open(&agent.state_dir).expect("store");
+    let sent = || async {
+        let agent_sent = agent_store.outbox_counts().await.expect("counts").sent;
+        let peer_sent = peer_store.outbox_counts().await.expect("counts").sent;
+        (agent_sent, peer_sent)
+    };
+    let (mut last, mut stable) = ((0, 0), 0);
+    for _ in 0..400 {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let now = sent().await;
+        if now == last && now != (0, 0) {
+            stable += 1;
+            if stable >= 20 {
+                break;
+            }
+        } else {
+            (last, stable) = (now, 0);
+        }
+    }
+    first.stop().await;
+    second.stop().await;
+    // The kick, then five automatic replies from each side; the sixth is capped on both.
+    assert_eq!(last, (5, 6), "the exchange came to rest at the cap");
 }
