@@ -7,8 +7,10 @@
 //! transaction. A crash therefore leaves a message either unacknowledged (and redelivered,
 //! then recognised by its id if it had been recorded) or fully handled.
 //!
-//! Messages are handled one at a time in arrival order, which keeps each conversation in
-//! order. Plugin failures never hold a message back: a plugin call that traps, times out or
+//! Messages are handled one at a time in arrival order. Known shortcoming: the platform may
+//! push one conversation's messages out of `seq` order when a peer sends several at once, and
+//! they are then handled (and answered) in the order they arrived; a per-conversation reorder
+//! buffer with gap-fill from history would fix it. Plugin failures never hold a message back: a plugin call that traps, times out or
 //! returns bad output counts as that plugin passing, and the message is still acknowledged.
 
 pub mod poll;

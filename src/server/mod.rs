@@ -3,7 +3,8 @@
 //! It speaks the agent-facing wire protocol of `agentchat-api.md` for the parts the daemon and
 //! the official SDKs use: registration with a fixed dev verification code, Bearer auth, direct
 //! messages with idempotent sends, sync and ack, history, read receipts, and the `/v1/ws`
-//! realtime channel. Groups, contacts, uploads, webhooks and presence are not served.
+//! realtime channel. Groups, contacts, uploads, webhooks and presence are not served, nor are the
+//! `Idempotency-Key` header and CORS.
 //!
 //! Code map:
 //! - this file: configuration, [`LocalServer`] lifecycle, router, request ids;
