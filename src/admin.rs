@@ -9,6 +9,7 @@ use std::fmt::Write as _;
 
 use crate::config::Config;
 use crate::outbox::{COLD_WINDOW, format_ms, now_ms, queue_operator_send};
+use crate::plugins::{PluginState, PluginStatus};
 use crate::store::{SendState, Store, StoreError};
 
 /// A summary of the daemon's state: queue, holds, cold-outreach slots, cursor, quarantine.
@@ -53,7 +54,88 @@ pub async fn status(config: &Config) -> Result<String, StoreError> {
     }
     let _ = writeln!(out, "sync cursor: {}", cursor.as_deref().unwrap_or("none"));
     let _ = writeln!(out, "quarantined inbound items: {}", store.quarantined().await?);
+    match store.meta(PLUGIN_STATUS_KEY).await? {
+        Some(json) => out.push_str(&render_plugin_status(&json, now)),
+        None => out.push_str("plugins: no report yet (the daemon writes one while it runs)\n"),
+    }
     Ok(out)
+}
+
+/// Meta key under which the running daemon keeps its plugins' states for `status`.
+pub const PLUGIN_STATUS_KEY: &str = "plugin_status";
+
+/// One plugin's state as the daemon records it for `status`.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct PluginReport {
+    id: String,
+    /// `active`, `suspended` or `failed`.
+    state: String,
+    hooks: Vec<String>,
+    /// End of a suspension, ms since the epoch.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    until_ms: Option<i64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    reason: Option<String>,
+    total_failures: u64,
+}
+
+/// Encodes plugin states for the store. Stable while nothing changes, so the daemon can skip
+/// writing an unchanged report.
+pub fn encode_plugin_status(status: &[PluginStatus]) -> String {
+    let reports: Vec<PluginReport> = status
+        .iter()
+        .map(|p| {
+            let (state, until_ms, reason) = match &p.state {
+                PluginState::Active => ("active", None, None),
+                PluginState::Suspended { until, .. } => {
+                    let ms = until
+                        .duration_since(std::time::UNIX_EPOCH)
+                        .ok()
+                        .and_then(|d| i64::try_from(d.as_millis()).ok());
+                    // Rounded to the second so the report does not change on every refresh.
+                    ("suspended", ms.map(|ms| ms - ms % 1000), None)
+                }
+                PluginState::Failed { reason } => ("failed", None, Some(reason.clone())),
+            };
+            PluginReport {
+                id: p.id.clone(),
+                state: state.to_owned(),
+                hooks: p.hooks.clone(),
+                until_ms,
+                reason,
+                total_failures: p.total_failures,
+            }
+        })
+        .collect();
+    serde_json::to_string(&reports).unwrap_or_else(|_| "[]".to_owned())
+}
+
+fn render_plugin_status(json: &str, now: i64) -> String {
+    let Ok(reports) = serde_json::from_str::<Vec<PluginReport>>(json) else {
+        return "plugins: the recorded report is unreadable\n".to_owned();
+    };
+    if reports.is_empty() {
+        return "plugins: none\n".to_owned();
+    }
+    let mut out = String::from("plugins:\n");
+    for p in reports {
+        let state = match (p.state.as_str(), p.until_ms, &p.reason) {
+            ("suspended", Some(until), _) if until > now => {
+                format!("suspended until {} after repeated failures", format_ms(until))
+            }
+            ("suspended", _, _) => "active (its suspension has ended)".to_owned(),
+            ("failed", _, Some(reason)) => format!("failed: {reason}"),
+            (state, _, _) => state.to_owned(),
+        };
+        let _ = writeln!(
+            out,
+            "  {}: {state}; hooks {}; {} failures since start",
+            p.id,
+            p.hooks.join(", "),
+            p.total_failures
+        );
+    }
+    out
 }
 
 /// Lists queue rows, newest first.

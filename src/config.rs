@@ -165,6 +165,15 @@ pub struct PluginConfig {
     pub id: String,
     /// The compiled WASM component.
     pub path: PathBuf,
+    /// The plugin's manifest, when the entry names one; the host then checks the component,
+    /// the grants and the config against it.
+    pub manifest: Option<crate::plugins::Manifest>,
+    /// Higher runs first; equal priorities run in file order.
+    pub priority: i64,
+    /// What the operator grants the plugin.
+    pub grants: crate::plugins::Grants,
+    /// What a failed `before-send` call of this plugin does to the message.
+    pub failure_policy: crate::plugins::FailurePolicy,
     /// Time budget of one hook call.
     pub timeout: Duration,
     /// Memory cap of one plugin instance, in bytes.
@@ -250,6 +259,10 @@ impl PluginConfig {
             memory_limit_bytes: usize::try_from(DEFAULT_PLUGIN_MEMORY_MIB << 20)
                 .unwrap_or(usize::MAX),
             config_json: "{}".to_owned(),
+            manifest: None,
+            priority: 0,
+            grants: crate::plugins::Grants::default(),
+            failure_policy: crate::plugins::FailurePolicy::Open,
         }
     }
 }
@@ -346,13 +359,43 @@ struct RawLog {
 #[serde(deny_unknown_fields)]
 struct RawPlugin {
     id: Spanned<String>,
-    path: Spanned<String>,
+    #[serde(default)]
+    path: Option<Spanned<String>>,
+    #[serde(default)]
+    manifest: Option<Spanned<String>>,
+    #[serde(default)]
+    enabled: Option<bool>,
+    #[serde(default)]
+    priority: Option<i64>,
     #[serde(default)]
     timeout_ms: Option<Spanned<u64>>,
     #[serde(default)]
     memory_mib: Option<Spanned<u64>>,
     #[serde(default)]
+    failure_policy: Option<Spanned<String>>,
+    #[serde(default)]
+    grants: Option<Spanned<RawGrants>>,
+    #[serde(default)]
     config: Option<toml::Table>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawGrants {
+    #[serde(default)]
+    send: bool,
+    #[serde(default)]
+    kv: bool,
+    #[serde(default)]
+    timers: bool,
+    #[serde(default)]
+    history: bool,
+    #[serde(default)]
+    http_allowed_hosts: Vec<String>,
+    #[serde(default)]
+    send_per_minute: Option<u32>,
+    #[serde(default)]
+    kv_max_bytes: Option<u64>,
 }
 
 /// Reads and validates a config file. Relative paths in it are taken from the file's folder.
@@ -541,7 +584,10 @@ pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
 
     let mut plugins: Vec<PluginConfig> = Vec::with_capacity(raw.plugins.len());
     for plugin in &raw.plugins {
-        let plugin = ctx.plugin(plugin.get_ref(), base_dir)?;
+        if plugin.get_ref().enabled == Some(false) {
+            continue;
+        }
+        let plugin = ctx.plugin(plugin.get_ref(), plugin.span(), base_dir)?;
         if plugins.iter().any(|p| p.id == plugin.id) {
             let span = raw
                 .plugins
@@ -553,6 +599,8 @@ pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
         }
         plugins.push(plugin);
     }
+    // A stable sort: equal priorities keep the file's order.
+    plugins.sort_by_key(|p| std::cmp::Reverse(p.priority));
 
     Ok(Config {
         api_base,
@@ -732,7 +780,12 @@ impl Ctx<'_> {
         }
     }
 
-    fn plugin(&self, raw: &RawPlugin, base_dir: &Path) -> Result<PluginConfig, ConfigError> {
+    fn plugin(
+        &self,
+        raw: &RawPlugin,
+        entry: Range<usize>,
+        base_dir: &Path,
+    ) -> Result<PluginConfig, ConfigError> {
         let id = raw.id.get_ref();
         let valid_id = !id.is_empty()
             && id.len() <= 64
@@ -744,7 +797,31 @@ impl Ctx<'_> {
                 "must be 1-64 characters of a-z, 0-9 and '-'",
             ));
         }
-        self.non_empty("plugins.path", &raw.path)?;
+        let manifest = match &raw.manifest {
+            Some(value) => {
+                self.non_empty("plugins.manifest", value)?;
+                let path = resolve(base_dir, value.get_ref());
+                let manifest = crate::plugins::Manifest::load(&path).map_err(|err| {
+                    self.invalid("plugins.manifest", value.span(), &err.to_string())
+                })?;
+                Some(manifest)
+            }
+            None => None,
+        };
+        let path = match (&raw.path, &manifest) {
+            (Some(value), _) => {
+                self.non_empty("plugins.path", value)?;
+                resolve(base_dir, value.get_ref())
+            }
+            (None, Some(manifest)) => manifest.component.clone(),
+            (None, None) => {
+                return Err(self.invalid(
+                    "plugins.path",
+                    entry,
+                    "is missing; give the component's `path` or the plugin's `manifest`",
+                ));
+            }
+        };
         let timeout_ms = match &raw.timeout_ms {
             Some(ms) => self.in_range("plugins.timeout_ms", ms, 1, 60_000)?,
             None => DEFAULT_PLUGIN_TIMEOUT_MS,
@@ -759,13 +836,83 @@ impl Ctx<'_> {
             })?,
             None => "{}".to_owned(),
         };
+        let failure_policy = match raw.failure_policy.as_ref().map(|v| (v.get_ref().as_str(), v)) {
+            None | Some(("open", _)) => crate::plugins::FailurePolicy::Open,
+            Some(("closed", _)) => crate::plugins::FailurePolicy::Closed,
+            Some((_, value)) => {
+                return Err(self.invalid(
+                    "plugins.failure_policy",
+                    value.span(),
+                    "must be \"open\" (a failed before-send keeps the message) or \"closed\" \
+                     (it cancels the message)",
+                ));
+            }
+        };
+        let grants = match &raw.grants {
+            Some(grants) => self.grants(grants)?,
+            None => crate::plugins::Grants::default(),
+        };
         Ok(PluginConfig {
             id: id.clone(),
-            path: resolve(base_dir, raw.path.get_ref()),
+            path,
+            manifest,
+            priority: raw.priority.unwrap_or(0),
+            grants,
+            failure_policy,
             timeout: Duration::from_millis(timeout_ms),
             memory_limit_bytes: usize::try_from(memory_mib * 1024 * 1024).unwrap_or(usize::MAX),
             config_json,
         })
+    }
+
+    fn grants(&self, raw: &Spanned<RawGrants>) -> Result<crate::plugins::Grants, ConfigError> {
+        let (span, raw) = (raw.span(), raw.get_ref());
+        let mut grants = crate::plugins::Grants::default();
+        for host in &raw.http_allowed_hosts {
+            let bare = host.trim();
+            if bare.is_empty() || bare.contains('/') || bare.contains('*') || bare.contains('@') {
+                return Err(self.invalid(
+                    "plugins.grants.http_allowed_hosts",
+                    span,
+                    &format!(
+                        "`{host}` is not a host name; write `api.example.com` or \
+                         `api.example.com:8443`, without scheme, path or wildcards"
+                    ),
+                ));
+            }
+        }
+        if let Some(per_minute) = raw.send_per_minute {
+            if !(1..=600).contains(&per_minute) {
+                return Err(self.invalid(
+                    "plugins.grants.send_per_minute",
+                    span,
+                    "must be between 1 and 600",
+                ));
+            }
+            grants.send_per_minute = per_minute;
+        }
+        if let Some(bytes) = raw.kv_max_bytes {
+            if !(1024..=(1 << 30)).contains(&bytes) {
+                return Err(self.invalid(
+                    "plugins.grants.kv_max_bytes",
+                    span,
+                    "must be between 1024 and 1073741824",
+                ));
+            }
+            grants.kv_max_bytes = bytes;
+        }
+        grants.capabilities = crate::plugins::Capabilities {
+            send: raw.send,
+            kv: raw.kv,
+            timers: raw.timers,
+            history: raw.history,
+            http_allowed_hosts: raw
+                .http_allowed_hosts
+                .iter()
+                .map(|h| h.trim().to_owned())
+                .collect(),
+        };
+        Ok(grants)
     }
 }
 

@@ -248,6 +248,18 @@ fn check_config(path: &std::path::Path) -> ExitCode {
     let checked = config::load(path)
         .and_then(|c| c.api_key.load().map(|_| c))
         .and_then(|c| config::check_plugin_files(&c).map(|()| c));
+    // Loading the plugins checks manifests, grants, config schemas and exports exactly as the
+    // daemon will, so a bad grant is caught here rather than at start.
+    let checked = checked.and_then(|c| {
+        let runtime =
+            tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(|err| {
+                config::ConfigError::Unusable(format!("cannot start a runtime: {err}"))
+            })?;
+        runtime
+            .block_on(agentchatd::service::check_plugins(&c))
+            .map_err(|err| config::ConfigError::Unusable(err.to_string()))?;
+        Ok(c)
+    });
     match checked {
         Ok(config) => {
             let transport = format!("{:?}", config.transport).to_lowercase();

@@ -34,7 +34,10 @@ use crate::ops::watchdog;
 use crate::outbox::{
     Backoff, COLD_WINDOW, Outbox, OutboxError, OutboxSettings, Priority, RateLimiter, now_ms,
 };
-use crate::plugins::{PluginError, PluginHost, PluginSpec};
+use crate::plugins::{
+    HostServices, PacedApi, PluginError, PluginHost, PluginSet, PluginSetup, PluginSpec,
+    StartReason, StopReason,
+};
 use crate::store::{Store, StoreError};
 
 /// Names of the loops the heartbeat watches.
@@ -136,8 +139,17 @@ pub async fn run_with(config: Config, controls: Controls) -> Result<(), ServiceE
     let key = config.api_key.load()?;
     let lock = InstanceLock::acquire(&config.state_dir)?;
     let store = Store::open(&config.state_dir)?;
+    let client = Client::new(&config.api_base, key.clone())?;
+    let limiter =
+        Arc::new(RateLimiter::per_second(config.requests_per_second, config.window_margin));
+    let wake = Arc::new(Notify::new());
+    let services = HostServices {
+        store: Some(store.clone()),
+        api: Some(PacedApi { client: client.clone(), limiter: Arc::clone(&limiter) }),
+        outbox_wake: Some(Arc::clone(&wake)),
+    };
     status.set("loading plugins");
-    let plugins = Arc::new(load_plugins(&config).await?);
+    let plugins = Arc::new(load_plugins(&config, &services).await?);
     tracing::info!(plugins = ?plugins.plugin_ids(), state = %store.path().display(), "loaded");
 
     let telemetry = OpsState {
@@ -158,15 +170,12 @@ pub async fn run_with(config: Config, controls: Controls) -> Result<(), ServiceE
     }
 
     status.set(&format!("connecting to {}", config.api_base));
-    let client = Client::new(&config.api_base, key.clone())?;
-    let limiter =
-        Arc::new(RateLimiter::per_second(config.requests_per_second, config.window_margin));
     let Some(me) = identify(&client, &limiter, &shutdown).await? else {
         return Ok(());
     };
     tracing::info!(agent = %me, api = %config.api_base, "agent identified");
+    plugins.start(&me, StartReason::Boot).await;
 
-    let wake = Arc::new(Notify::new());
     let processor = Arc::new(
         Processor::new(
             store.clone(),
@@ -177,6 +186,9 @@ pub async fn run_with(config: Config, controls: Controls) -> Result<(), ServiceE
         )
         .with_loop_guard(config.loop_guard),
     );
+    let plugin_set = processor.plugin_set();
+    let timers = Timers::new(aux_stop.clone(), tasks.clone());
+    timers.restart(plugin_set.current());
     telemetry.heartbeat.register(INBOX_LOOP);
     telemetry.heartbeat.register(OUTBOX_LOOP);
 
@@ -190,7 +202,8 @@ pub async fn run_with(config: Config, controls: Controls) -> Result<(), ServiceE
         };
         let outbox =
             Outbox::new(store.clone(), client.clone(), Arc::clone(&limiter), wake, settings)
-                .with_telemetry(telemetry.clone());
+                .with_telemetry(telemetry.clone())
+                .with_plugins(plugin_set.clone());
         let stop = outbox_stop.clone();
         tasks.spawn(async move { outbox.run(stop).await.map_err(ServiceError::from) })
     };
@@ -208,11 +221,28 @@ pub async fn run_with(config: Config, controls: Controls) -> Result<(), ServiceE
         let stop = inbox_stop.clone();
         tasks.spawn(async move { inbox.run(&stop).await })
     };
-    tasks.spawn(announce_ready(telemetry.readiness.clone(), status.clone(), me, aux_stop.clone()));
-    tasks.spawn(refresh_gauges(store.clone(), telemetry.clone(), aux_stop.clone()));
+    tasks.spawn(announce_ready(
+        telemetry.readiness.clone(),
+        status.clone(),
+        me.clone(),
+        aux_stop.clone(),
+    ));
+    tasks.spawn(refresh_gauges(
+        store.clone(),
+        telemetry.clone(),
+        plugin_set.clone(),
+        aux_stop.clone(),
+    ));
     if let (Some(reload), Some(path)) = (reload, config_path) {
-        let reloader =
-            Reloader { path, running: config.clone(), processor, status: status.clone() };
+        let reloader = Reloader {
+            path,
+            running: config.clone(),
+            processor,
+            status: status.clone(),
+            services,
+            me: me.clone(),
+            timers,
+        };
         tasks.spawn(reloader.run(reload, aux_stop.clone()));
     }
     tasks.close();
@@ -255,6 +285,7 @@ pub async fn run_with(config: Config, controls: Controls) -> Result<(), ServiceE
     telemetry.heartbeat.unregister(OUTBOX_LOOP);
 
     aux_stop.cancel();
+    plugin_set.current().stop(StopReason::Shutdown).await;
     if let Some(server) = ops_server
         && let Err(err) = server.stopped().await
     {
@@ -315,21 +346,69 @@ impl StatusLine {
     }
 }
 
-fn plugin_specs(config: &Config) -> Vec<PluginSpec> {
+/// The plugins of `config` as the host takes them, in priority order.
+pub fn plugin_setups(config: &Config) -> Vec<PluginSetup> {
     config
         .plugins
         .iter()
-        .map(|p| PluginSpec {
-            config_json: p.config_json.clone(),
-            timeout: p.timeout,
-            memory_limit_bytes: p.memory_limit_bytes,
-            ..PluginSpec::new(p.id.clone(), p.path.clone())
+        .map(|p| {
+            let spec = PluginSpec {
+                config_json: p.config_json.clone(),
+                timeout: p.timeout,
+                memory_limit_bytes: p.memory_limit_bytes,
+                ..PluginSpec::new(p.id.clone(), p.path.clone())
+            };
+            let mut setup = PluginSetup::from(spec)
+                .with_all_grants(p.grants.clone())
+                .with_failure_policy(p.failure_policy);
+            setup.manifest.clone_from(&p.manifest);
+            setup
         })
         .collect()
 }
 
-async fn load_plugins(config: &Config) -> Result<PluginHost, PluginError> {
-    PluginHost::load(plugin_specs(config), Some(config.state_dir.join("plugin-cache"))).await
+async fn load_plugins(config: &Config, services: &HostServices) -> Result<PluginHost, PluginError> {
+    let cache = Some(config.state_dir.join("plugin-cache"));
+    PluginHost::load_with(plugin_setups(config), cache, services.clone()).await
+}
+
+/// Checks that every plugin of `config` loads: files, manifests, grants, config schemas and
+/// exports, exactly as the daemon will at start, without touching the state directory.
+///
+/// # Errors
+/// The first plugin that would not load, and why.
+pub async fn check_plugins(config: &Config) -> Result<Vec<String>, PluginError> {
+    let host = PluginHost::load(plugin_setups(config), None).await?;
+    Ok(host.plugin_ids())
+}
+
+/// The timer tasks of the plugin set in use; a reload restarts them with the new set.
+struct Timers {
+    parent: CancellationToken,
+    tasks: TaskTracker,
+    current: std::sync::Mutex<CancellationToken>,
+}
+
+impl Timers {
+    fn new(parent: CancellationToken, tasks: TaskTracker) -> Self {
+        let current = std::sync::Mutex::new(parent.child_token());
+        Self { parent, tasks, current }
+    }
+
+    /// Stops the running timers and starts those of `host`.
+    fn restart(&self, host: Arc<PluginHost>) {
+        let token = self.parent.child_token();
+        let old = std::mem::replace(
+            &mut *self.current.lock().unwrap_or_else(std::sync::PoisonError::into_inner),
+            token.clone(),
+        );
+        old.cancel();
+        let timers = host.timers();
+        if !timers.is_empty() {
+            tracing::info!(timers = timers.len(), "plugin timers started");
+            self.tasks.spawn(host.run_timers(token));
+        }
+    }
 }
 
 /// Tells systemd READY=1 once plugins are loaded and the inbox is connected, and again after
@@ -350,13 +429,27 @@ async fn announce_ready(
 }
 
 /// Keeps the queue gauges current for `/metrics`.
-async fn refresh_gauges(store: Store, telemetry: OpsState, stop: CancellationToken) {
+async fn refresh_gauges(
+    store: Store,
+    telemetry: OpsState,
+    plugins: PluginSet,
+    stop: CancellationToken,
+) {
     let window_ms = i64::try_from(COLD_WINDOW.as_millis()).unwrap_or(i64::MAX);
     let mut tick = tokio::time::interval(Duration::from_secs(2));
+    let mut last_plugin_status = String::new();
     loop {
         tokio::select! {
             () = stop.cancelled() => return,
             _ = tick.tick() => {}
+        }
+        // `agentchatd status` runs in another process and reads this from the store; it is
+        // written only when it changes, since every write is a synced commit.
+        let plugin_status = crate::admin::encode_plugin_status(&plugins.current().status());
+        if plugin_status != last_plugin_status
+            && store.set_meta(crate::admin::PLUGIN_STATUS_KEY, plugin_status.clone()).await.is_ok()
+        {
+            last_plugin_status = plugin_status;
         }
         if let Ok(counts) = store.outbox_counts().await {
             let metrics = &telemetry.metrics;
@@ -439,6 +532,9 @@ struct Reloader {
     running: Config,
     processor: Arc<Processor>,
     status: StatusLine,
+    services: HostServices,
+    me: String,
+    timers: Timers,
 }
 
 impl Reloader {
@@ -475,9 +571,14 @@ impl Reloader {
         let summary = if new.plugins == self.running.plugins {
             "plugins unchanged".to_owned()
         } else {
-            let host = load_plugins(&new).await?;
+            let host = Arc::new(load_plugins(&new, &self.services).await?);
             let ids = host.plugin_ids();
-            self.processor.swap_plugins(Arc::new(host));
+            // The new set starts before it takes messages; the old one stops after the swap,
+            // while calls it already runs finish on it.
+            host.start(&self.me, StartReason::Reload).await;
+            let old = self.processor.swap_plugins(Arc::clone(&host));
+            old.stop(StopReason::Reload).await;
+            self.timers.restart(host);
             format!("plugins {ids:?}")
         };
         self.running.plugins = new.plugins;

@@ -121,6 +121,26 @@ impl Client {
         self.request(Method::GET, &path, &query, None).await.and_then(decode("GET", &path))
     }
 
+    /// `GET /v1/messages/{conversation_id}?limit=…`: the newest `limit` messages, returned
+    /// oldest first.
+    ///
+    /// # Errors
+    /// Any [`ApiError`].
+    pub async fn history_recent(
+        &self,
+        conversation_id: &str,
+        limit: u32,
+    ) -> Result<Vec<Message>, ApiError> {
+        let path = format!("/v1/messages/{conversation_id}");
+        let limit = limit.to_string();
+        let query = [("limit", limit.as_str())];
+        let mut rows: Vec<Message> =
+            self.request(Method::GET, &path, &query, None).await.and_then(decode("GET", &path))?;
+        // Without a cursor the server answers newest first.
+        rows.reverse();
+        Ok(rows)
+    }
+
     async fn request(
         &self,
         method: Method,

@@ -16,7 +16,7 @@
 pub mod poll;
 pub mod websocket;
 
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::Notify;
@@ -25,8 +25,8 @@ use tokio_util::sync::CancellationToken;
 use crate::client::{Content, Message, SendRequest};
 use crate::ops::http::OpsState;
 use crate::ops::metrics::Metrics;
-use crate::outbox::{new_send, now_ms, reply_key};
-use crate::plugins::{self, ContentKind, ConversationKind, Decision, Draft, PluginHost};
+use crate::outbox::{content_too_large, new_send, now_ms, reply_key};
+use crate::plugins::{self, ConversationKind, Decision, Draft, PluginHost, PluginSet};
 use crate::service::INBOX_LOOP;
 use crate::store::{Inbound, NewSend, Store, StoreError};
 
@@ -60,7 +60,7 @@ pub struct Processor {
     store: Store,
     /// The current plugin set; a reload swaps it, and a message already being handled keeps
     /// the set it started with.
-    plugins: RwLock<Arc<PluginHost>>,
+    plugins: PluginSet,
     me: String,
     outbox_wake: Arc<Notify>,
     metrics: Arc<Metrics>,
@@ -88,14 +88,14 @@ impl Processor {
     /// A processor for the agent `me`.
     pub fn new(
         store: Store,
-        plugins: Arc<PluginHost>,
+        plugins: impl Into<PluginSet>,
         me: String,
         outbox_wake: Arc<Notify>,
         metrics: Arc<Metrics>,
     ) -> Self {
         Self {
             store,
-            plugins: RwLock::new(plugins),
+            plugins: plugins.into(),
             me,
             outbox_wake,
             metrics,
@@ -103,9 +103,14 @@ impl Processor {
         }
     }
 
-    /// Replaces the plugin set for the messages handled from now on.
-    pub fn swap_plugins(&self, plugins: Arc<PluginHost>) {
-        *self.plugins.write().unwrap_or_else(|p| p.into_inner()) = plugins;
+    /// Replaces the plugin set for the messages handled from now on; returns the old set.
+    pub fn swap_plugins(&self, plugins: Arc<PluginHost>) -> Arc<PluginHost> {
+        self.plugins.replace(plugins)
+    }
+
+    /// The plugin set this processor uses, to share with the outbox and the timers.
+    pub fn plugin_set(&self) -> PluginSet {
+        self.plugins.clone()
     }
 
     /// Sets the caps on automatic replies.
@@ -170,7 +175,7 @@ impl Processor {
         }
 
         let inbound = to_plugin_message(message);
-        let plugins = Arc::clone(&self.plugins.read().unwrap_or_else(|p| p.into_inner()));
+        let plugins = self.plugins.current();
         let verdicts = plugins.on_message(&inbound).await;
         let mut sends: Vec<NewSend> = Vec::new();
         let mut outcome: Vec<String> = Vec::new();
@@ -236,12 +241,7 @@ fn inbound_key(message: &Message) -> Inbound<'_> {
 }
 
 fn to_plugin_message(message: &Message) -> plugins::InboundMessage {
-    let kind = match message.kind.as_str() {
-        "structured" => ContentKind::Structured,
-        "file" => ContentKind::File,
-        "system" => ContentKind::System,
-        _ => ContentKind::Text,
-    };
+    let kind = plugins::content_kind(&message.kind);
     let conversation_kind =
         if message.is_group() { ConversationKind::Group } else { ConversationKind::Direct };
     plugins::InboundMessage {
@@ -286,13 +286,9 @@ fn reply_request(
     };
     let kind = if draft.text.is_none() && data.is_some() { "structured" } else { "text" };
     let content = Content { text: draft.text, data, attachment_id: None };
-    // The platform measures JSON(content) + JSON(metadata); escaping can make a text that fits
-    // in bytes too large on the wire, and a send that is sure to be refused is not queued.
-    let wire_bytes = serde_json::to_string(&content).map_or(usize::MAX, |json| json.len()) + 2;
-    if wire_bytes > MAX_CONTENT_BYTES {
-        return Err(format!(
-            "reply is {wire_bytes} bytes as JSON; the platform accepts at most {MAX_CONTENT_BYTES}"
-        ));
+    // A send that is sure to be refused is not queued.
+    if let Some(why) = content_too_large(&content) {
+        return Err(why);
     }
     let request = SendRequest {
         to,
@@ -303,9 +299,6 @@ fn reply_request(
     };
     Ok((request.client_msg_id.clone(), request))
 }
-
-/// The platform's cap on JSON(content) + JSON(metadata) of one message.
-const MAX_CONTENT_BYTES: usize = 32_768;
 
 /// How often a waiting inbox loop tells the heartbeat it is alive.
 const BEAT_EVERY: Duration = Duration::from_secs(5);

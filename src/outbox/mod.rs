@@ -39,6 +39,9 @@ pub use pacing::{Backoff, InvalidBackoff, Priority, RateLimiter};
 use crate::client::{ApiError, Client, Disposition, ErrorCode, SendRequest};
 use crate::ops::health::{Heartbeat, Readiness};
 use crate::ops::http::OpsState;
+use crate::plugins::{
+    FailureClass, Origin, OutboundMessage, PluginSet, SendFailure, SendVerdict, Sent, Trigger,
+};
 use crate::service::OUTBOX_LOOP;
 use crate::store::{NewSend, PeerState, PendingSend, Store, StoreError};
 
@@ -137,6 +140,48 @@ pub fn operator_key(operator_id: &str) -> String {
     derived_key("aco", &["operator", operator_id])
 }
 
+/// The idempotency key of a proactive send by `plugin` while handling the event `cause`;
+/// `part` tells the sends of one event apart (the plugin's own key, or the send's index).
+pub fn plugin_key(plugin: &str, cause: &str, part: &str) -> String {
+    derived_key("acp", &[plugin, cause, part])
+}
+
+/// The queue origin of a proactive send: `plugin:<trigger>:<hops>:<plugin>:<cause>`.
+pub fn plugin_origin(plugin: &str, trigger: Trigger, hops: u8, cause: &str) -> String {
+    format!("plugin:{}:{hops}:{plugin}:{cause}", trigger.as_str())
+}
+
+/// What the hooks are told about where a queued send came from, read off its queue origin.
+pub fn parse_origin(origin: &str) -> Origin {
+    let mut parts = origin.splitn(5, ':');
+    match parts.next() {
+        Some("reply") => {
+            // reply:<message>:<plugin>:<index>
+            let plugin = parts.nth(1).map(str::to_owned);
+            Origin { plugin_id: plugin, trigger: Trigger::Inbound, hops: 0 }
+        }
+        Some("plugin") => {
+            let trigger = parts.next().and_then(Trigger::parse).unwrap_or(Trigger::PluginSend);
+            let hops = parts.next().and_then(|h| h.parse().ok()).unwrap_or(u8::MAX);
+            let plugin = parts.next().map(str::to_owned);
+            Origin { plugin_id: plugin, trigger, hops }
+        }
+        _ => Origin { plugin_id: None, trigger: Trigger::Operator, hops: 0 },
+    }
+}
+
+/// The platform's cap on JSON(content) + JSON(metadata) of one message.
+pub const MAX_CONTENT_BYTES: usize = 32_768;
+
+/// Why `content` is sure to be refused as too large, if it is. The platform measures the
+/// JSON encoding, so escaping can push a text that fits in bytes over the cap.
+pub fn content_too_large(content: &crate::client::Content) -> Option<String> {
+    let wire_bytes = serde_json::to_string(content).map_or(usize::MAX, |json| json.len()) + 2;
+    (wire_bytes > MAX_CONTENT_BYTES).then(|| {
+        format!("content is {wire_bytes} bytes as JSON; the platform accepts at most {MAX_CONTENT_BYTES}")
+    })
+}
+
 fn derived_key(prefix: &str, parts: &[&str]) -> String {
     let mut hash = Sha256::new();
     for part in parts {
@@ -186,12 +231,50 @@ pub async fn queue_operator_send(
 
 /// What one attempt came to.
 enum Outcome {
-    Sent { message_id: String, opened: Option<(String, String)> },
-    Retry { after: Duration, error: String, count_attempt: bool },
-    Hold { reason: &'static str, until_ms: i64, detail: String, awaiting: Option<(String, i64)> },
+    Sent {
+        message_id: String,
+        opened: Option<(String, String)>,
+    },
+    /// A `before-send` hook cancelled the send: `by` plugin, for `reason`.
+    Cancelled {
+        by: String,
+        reason: String,
+    },
+    Retry {
+        after: Duration,
+        error: String,
+        count_attempt: bool,
+    },
+    Hold {
+        reason: &'static str,
+        until_ms: i64,
+        detail: String,
+        awaiting: Option<(String, i64)>,
+    },
     Dead(String),
     Fatal(ApiError),
     Store(StoreError),
+}
+
+/// What the outbound hooks are told after an attempt.
+enum Told {
+    Sent {
+        message_id: String,
+        at_ms: i64,
+    },
+    /// Class, detail, whether the daemon retries.
+    Failed(FailureClass, String, bool),
+}
+
+/// A queued request as the outbound hooks see it.
+fn outbound_message(request: &SendRequest) -> OutboundMessage {
+    OutboundMessage {
+        key: request.client_msg_id.clone(),
+        to: request.to.clone(),
+        conversation_id: request.conversation_id.clone(),
+        text: request.content.text.clone(),
+        data_json: request.content.data.as_ref().map(ToString::to_string),
+    }
 }
 
 /// Whether a send may go now.
@@ -227,6 +310,8 @@ pub struct Outbox {
     backlogged: Mutex<HashMap<String, u32>>,
     /// Heartbeat and metrics of the running daemon.
     telemetry: OpsState,
+    /// Plugins whose outbound hooks see every send; none in tests that need no plugins.
+    plugins: Option<PluginSet>,
 }
 
 impl Outbox {
@@ -259,7 +344,16 @@ impl Outbox {
                 heartbeat: Heartbeat::new(Duration::from_secs(60)),
                 readiness: Readiness::new([]),
             },
+            plugins: None,
         }
+    }
+
+    /// Runs every send through the outbound hooks of `plugins`: `before-send` once per send
+    /// before its first attempt, `after-send` and `send-failed` after each outcome.
+    #[must_use]
+    pub fn with_plugins(mut self, plugins: PluginSet) -> Self {
+        self.plugins = Some(plugins);
+        self
     }
 
     /// Reports to the daemon's heartbeat and metrics instead of private ones.
@@ -327,7 +421,8 @@ impl Outbox {
                 }
                 let this = Arc::clone(self);
                 in_flight.spawn(async move {
-                    let (outcome, opening) = this.attempt(&send).await;
+                    let mut send = send;
+                    let (outcome, opening) = this.attempt(&mut send).await;
                     (send, outcome, opening)
                 });
             }
@@ -414,19 +509,30 @@ impl Outbox {
                     tracing::info!(peer = %handle, "opened a thread; one message until answered");
                     self.store.note_thread_opened(&handle, Some(conversation), now).await?;
                 }
-                self.store.mark_sent(send.id, message_id, now).await?;
+                self.store.mark_sent(send.id, message_id.clone(), now).await?;
+                self.tell_plugins(&send, Told::Sent { message_id, at_ms: now });
+            }
+            Outcome::Cancelled { by, reason } => {
+                tracing::info!(%client_msg_id, plugin = %by, "send cancelled by a plugin");
+                let error = format!("cancelled by plugin `{by}`: {reason}");
+                self.store.mark_dead(send.id, error.clone(), now).await?;
+                self.tell_plugins(&send, Told::Failed(FailureClass::Cancelled, error, false));
             }
             Outcome::Retry { after, error, count_attempt } => {
                 let attempts = send.attempts + u32::from(count_attempt);
+                let class =
+                    if count_attempt { FailureClass::Transient } else { FailureClass::RateLimited };
                 if attempts >= self.settings.max_attempts {
                     tracing::error!(%client_msg_id, attempts, %error, "send dead-lettered");
                     OutboxStats::bump(&self.stats.dead_lettered);
-                    self.store.mark_dead(send.id, error, now).await?;
+                    self.store.mark_dead(send.id, error.clone(), now).await?;
+                    self.tell_plugins(&send, Told::Failed(class, error, false));
                 } else {
                     let retry_in_ms = after.as_millis();
                     tracing::warn!(%client_msg_id, retry_in_ms, %error, "send will be retried");
                     let next = now.saturating_add(i64::try_from(retry_in_ms).unwrap_or(i64::MAX));
-                    self.store.mark_retry(send.id, next, error, count_attempt, now).await?;
+                    self.store.mark_retry(send.id, next, error.clone(), count_attempt, now).await?;
+                    self.tell_plugins(&send, Told::Failed(class, error, true));
                 }
             }
             Outcome::Hold { reason, until_ms, detail, awaiting } => {
@@ -440,7 +546,8 @@ impl Outbox {
             Outcome::Dead(error) => {
                 tracing::error!(%client_msg_id, %error, "send refused; dead-lettered");
                 OutboxStats::bump(&self.stats.dead_lettered);
-                self.store.mark_dead(send.id, error, now).await?;
+                self.store.mark_dead(send.id, error.clone(), now).await?;
+                self.tell_plugins(&send, Told::Failed(FailureClass::Rejected, error, false));
             }
             Outcome::Fatal(err) => return Err(OutboxError::Fatal(err)),
             Outcome::Store(err) => return Err(err.into()),
@@ -449,14 +556,93 @@ impl Outbox {
         Ok(())
     }
 
+    /// Tells the plugins' outbound hooks how a send went, on a task of its own: the hooks
+    /// only observe, so the queue does not wait for them. A crash before the task runs loses
+    /// the notice (at most once), never the send's recorded fate.
+    fn tell_plugins(&self, send: &PendingSend, told: Told) {
+        let Some(plugins) = &self.plugins else {
+            return;
+        };
+        let host = plugins.current();
+        if !host.guards_sends() {
+            return;
+        }
+        let Ok(request) = serde_json::from_str::<SendRequest>(&send.request_json) else {
+            return;
+        };
+        let message = outbound_message(&request);
+        let origin = parse_origin(&send.origin);
+        let attempt = send.attempts + 1;
+        tokio::spawn(async move {
+            match told {
+                Told::Sent { message_id, at_ms } => {
+                    let sent_at_ms = u64::try_from(at_ms).unwrap_or(0);
+                    host.after_send(&Sent { message, message_id, sent_at_ms }, &origin).await;
+                }
+                Told::Failed(class, detail, will_retry) => {
+                    let failure = SendFailure { message, class, detail, attempt, will_retry };
+                    host.send_failed(&failure, &origin).await;
+                }
+            }
+        });
+    }
+
+    /// Runs the `before-send` chain once per send and records what it left, so a retry or a
+    /// restart sends exactly the vetted body. `Err` carries the outcome when the send must not
+    /// go (cancelled, or the store failed).
+    async fn vet(&self, send: &mut PendingSend, request: &mut SendRequest) -> Result<(), Outcome> {
+        let Some(plugins) = &self.plugins else {
+            return Ok(());
+        };
+        let host = plugins.current();
+        if send.vetted || !host.guards_sends() {
+            return Ok(());
+        }
+        let origin = parse_origin(&send.origin);
+        match host.before_send(&outbound_message(request), &origin).await {
+            SendVerdict::Keep => {}
+            SendVerdict::Rewrite { content, by } => {
+                let data = match content.data_json.as_deref().map(serde_json::from_str) {
+                    None => None,
+                    Some(Ok(value)) => Some(value),
+                    Some(Err(err)) => {
+                        return Err(Outcome::Dead(format!("rewrite by {by:?}: data-json: {err}")));
+                    }
+                };
+                request.kind =
+                    if content.text.is_none() { "structured" } else { "text" }.to_owned();
+                request.content.text = content.text;
+                request.content.data = data;
+                if let Some(why) = content_too_large(&request.content) {
+                    return Err(Outcome::Dead(format!("rewrite by {by:?}: {why}")));
+                }
+                tracing::debug!(client_msg_id = %send.client_msg_id, ?by, "send rewritten");
+            }
+            SendVerdict::Cancel { plugin_id, reason } => {
+                return Err(Outcome::Cancelled { by: plugin_id, reason });
+            }
+        }
+        let body = serde_json::to_string(&*request).unwrap_or_else(|_| send.request_json.clone());
+        if let Err(err) = self.store.mark_vetted(send.id, body.clone(), now_ms()).await {
+            return Err(Outcome::Store(err));
+        }
+        send.request_json = body;
+        send.vetted = true;
+        Ok(())
+    }
+
     /// One attempt; the flag says whether it counted itself in `opening`.
-    async fn attempt(&self, send: &PendingSend) -> (Outcome, bool) {
-        let request: SendRequest = match serde_json::from_str(&send.request_json) {
+    async fn attempt(&self, send: &mut PendingSend) -> (Outcome, bool) {
+        let mut request: SendRequest = match serde_json::from_str(&send.request_json) {
             Ok(request) => request,
             Err(err) => {
                 return (Outcome::Dead(format!("queued request is not valid: {err}")), false);
             }
         };
+        // Guards run before the thread ledger, so a cancelled send never takes a cold slot.
+        if let Err(outcome) = self.vet(send, &mut request).await {
+            return (outcome, false);
+        }
         let opens_thread = {
             // Checking the allowance and claiming a slot must be one step, or two sends could
             // both take the last free slot.
@@ -510,6 +696,7 @@ impl Outbox {
                 let outcome = self.classify(send, err, opens_thread);
                 let result = match &outcome {
                     Outcome::Retry { .. } => "retry",
+                    Outcome::Cancelled { .. } => "cancelled",
                     Outcome::Hold { .. } => "held",
                     Outcome::Dead(_) => "dead",
                     _ => "refused",
@@ -689,6 +876,7 @@ mod tests {
             origin: "operator:x".into(),
             recipient: Some("bob".into()),
             attempts,
+            vetted: false,
         }
     }
 

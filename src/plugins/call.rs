@@ -1,23 +1,27 @@
 //! One plugin call: a fresh store, the host side of the `log` and `config` imports, the
-//! per-call limits, and the mapping of whatever went wrong onto [`CallError`].
+//! per-call limits, and the mapping of whatever went wrong onto [`CallError`]. The imports
+//! that reach the daemon (kv, messaging, history, http) live in [`super::imports`].
 //!
 //! Every call gets a new `Store` from the plugin's pre-linked instance, so nothing a guest did
 //! in one call (a trap, a corrupted heap, a global it set) can reach the next one.
 
+use std::collections::VecDeque;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use tokio::io::AsyncWrite;
-use wasmtime::component::ResourceTable;
+use tokio::time::Instant;
+use wasmtime::component::{InstancePre, ResourceTable};
 use wasmtime::{ResourceLimiter, StoreLimits, StoreLimitsBuilder, Trap};
 use wasmtime_wasi::cli::{IsTerminal, StdoutStream};
 use wasmtime_wasi::p2::{OutputStream, Pollable, StreamError};
 use wasmtime_wasi::{WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView};
 
-use super::bindings::{self, ReplierPre, agentchat};
+use super::bindings::{self, Exports, GuestSendDecision, agentchat, wit};
 use super::breaker::Breaker;
 use super::engine::deadline_ticks;
-use super::{CallError, Decision, validate};
+use super::hooks::Trigger;
+use super::{CallError, Decision, FailurePolicy, Grants, HostServices, TimerSpec, validate};
 
 /// Log lines a plugin may write in one call; the rest are counted and dropped.
 const MAX_LOG_LINES_PER_CALL: u32 = 32;
@@ -50,10 +54,25 @@ pub(crate) struct PluginConfig {
 /// What a call needs to know about its plugin.
 pub(crate) struct CallTarget {
     pub id: Arc<str>,
-    pub pre: ReplierPre<CallState>,
+    pub pre: InstancePre<CallState>,
+    /// Where each exported hook lives.
+    pub exports: Exports,
+    /// Hooks the host calls: those the manifest lists, or `inbound` without a manifest.
+    pub hooks: Vec<String>,
+    pub timers: Vec<TimerSpec>,
     pub config: Arc<PluginConfig>,
     pub timeout: Duration,
     pub memory_limit_bytes: usize,
+    pub grants: Arc<Grants>,
+    pub failure_policy: FailurePolicy,
+    /// The daemon's services behind the imports.
+    pub services: HostServices,
+    /// HTTP client that enforces the granted hosts; `None` when no host is granted.
+    pub http: Option<reqwest::Client>,
+    /// When the plugin's recent proactive sends were queued, for the per-minute cap.
+    pub recent_sends: Mutex<VecDeque<Instant>>,
+    /// Why `start` failed, if it did; a failed plugin's hooks are not called.
+    pub failed: Mutex<Option<String>>,
     /// A std mutex: it is held for a few instructions and never across an `.await`.
     pub breaker: Mutex<Breaker>,
 }
@@ -62,12 +81,86 @@ impl CallTarget {
     pub(crate) fn lock_breaker(&self) -> std::sync::MutexGuard<'_, Breaker> {
         self.breaker.lock().unwrap_or_else(PoisonError::into_inner)
     }
+
+    /// Whether the host calls `hook` on this plugin.
+    pub(crate) fn listens(&self, hook: &str) -> bool {
+        self.hooks.iter().any(|h| h == hook) && self.exports.has(hook)
+    }
+
+    pub(crate) fn failure(&self) -> Option<String> {
+        self.failed.lock().unwrap_or_else(PoisonError::into_inner).clone()
+    }
+
+    pub(crate) fn set_failure(&self, reason: Option<String>) {
+        *self.failed.lock().unwrap_or_else(PoisonError::into_inner) = reason;
+    }
+}
+
+/// One hook invocation and its arguments.
+pub(crate) enum Hook {
+    Start(wit::StartInfo),
+    Stop(wit::StopReason),
+    Message(Arc<wit::InboundMessage>),
+    BeforeSend(wit::OutboundMessage, wit::Origin),
+    AfterSend(wit::Sent, wit::Origin),
+    SendFailed(wit::SendFailure, wit::Origin),
+    Tick(wit::Tick),
+}
+
+impl Hook {
+    pub(crate) fn name(&self) -> &'static str {
+        match self {
+            Hook::Start(_) => "start",
+            Hook::Stop(_) => "stop",
+            Hook::Message(_) => "on-message",
+            Hook::BeforeSend(..) => "before-send",
+            Hook::AfterSend(..) => "after-send",
+            Hook::SendFailed(..) => "send-failed",
+            Hook::Tick(_) => "on-tick",
+        }
+    }
+}
+
+/// What a hook returned, already validated.
+pub(crate) enum HookReturn {
+    /// A hook without a result (`stop`, `after-send`, `send-failed`, `on-tick`, `start` Ok).
+    Done,
+    Decision(Decision),
+    Send(GuestSendDecision),
+}
+
+/// What proactive sends made during a call are tied to.
+#[derive(Debug, Clone)]
+pub(crate) struct SendScope {
+    /// The kind of event the call handles; `None`: `messaging.send` is refused in this call.
+    pub trigger: Option<Trigger>,
+    /// Hops a send made in this call gets.
+    pub hops: u8,
+    /// Identifies the event, so the same send made again after a restart gets the same key.
+    pub cause: String,
+}
+
+impl SendScope {
+    /// A scope in which `messaging.send` is refused.
+    pub(crate) fn closed() -> SendScope {
+        SendScope { trigger: None, hops: 0, cause: String::new() }
+    }
 }
 
 /// Store data of one call.
 pub(crate) struct CallState {
-    plugin_id: Arc<str>,
+    pub(crate) plugin_id: Arc<str>,
     config: Arc<PluginConfig>,
+    pub(crate) grants: Arc<Grants>,
+    pub(crate) services: HostServices,
+    pub(crate) http: Option<reqwest::Client>,
+    pub(crate) scope: SendScope,
+    /// Proactive sends made in this call, which numbers their derived keys.
+    pub(crate) sends_made: u32,
+    /// When the call's budget runs out; imports that wait never wait past it.
+    pub(crate) deadline: Instant,
+    /// The plugin itself, for state shared across calls (the send-rate window).
+    pub(crate) target: Arc<CallTarget>,
     wasi: WasiCtx,
     table: ResourceTable,
     limiter: CallLimiter,
@@ -77,36 +170,102 @@ pub(crate) struct CallState {
     stderr: OutputCapture,
 }
 
-/// Runs `on-message` of one plugin in a fresh store and checks what it returned.
+/// Runs one hook of one plugin in a fresh store and checks what it returned.
 pub(crate) async fn run(
-    target: &CallTarget,
-    msg: &bindings::wit::InboundMessage,
-) -> Result<Decision, CallError> {
+    target: &Arc<CallTarget>,
+    hook: &Hook,
+    scope: SendScope,
+    budget: Duration,
+) -> Result<HookReturn, CallError> {
     let engine = target.pre.engine();
-    let mut store = wasmtime::Store::new(engine, CallState::new(target));
+    let mut store = wasmtime::Store::new(engine, CallState::new(target, scope, budget));
     store.limiter(|state| &mut state.limiter);
-    store.set_epoch_deadline(deadline_ticks(target.timeout));
+    store.set_epoch_deadline(deadline_ticks(budget));
     store.epoch_deadline_trap();
 
     // The store lives past the call so the limiter and the captured output can be read after
     // a failure as well.
     let outcome = {
         let call = async {
-            let plugin = target.pre.instantiate_async(&mut store).await?;
-            plugin.agentchat_plugin_inbound().call_on_message(&mut store, msg).await
+            let instance = target.pre.instantiate_async(&mut store).await?;
+            call_hook(target, hook, &mut store, &instance).await
         };
-        tokio::time::timeout(target.timeout + BACKSTOP_GRACE, call).await
+        tokio::time::timeout(budget + BACKSTOP_GRACE, call).await
     };
     store.data().flush_output();
     store.data().report_dropped_logs();
 
     match outcome {
-        Err(_elapsed) => Err(CallError::Timeout { budget: target.timeout }),
-        Ok(Err(err)) => Err(classify(&err, &store.data().limiter, target.timeout)),
+        Err(_elapsed) => Err(CallError::Timeout { budget }),
+        Ok(Err(err)) => Err(classify(&err, &store.data().limiter, budget)),
         Ok(Ok(Err(plugin_err))) => {
             Err(CallError::PluginError(bindings::describe_plugin_error(&plugin_err)))
         }
-        Ok(Ok(Ok(decision))) => validate::check_decision(bindings::from_wit_decision(decision)),
+        Ok(Ok(Ok(HookReturn::Decision(decision)))) => {
+            validate::check_decision(decision).map(HookReturn::Decision)
+        }
+        Ok(Ok(Ok(HookReturn::Send(GuestSendDecision::Rewrite(content))))) => {
+            validate::check_content(content.text.as_deref(), content.data_json.as_deref())
+                .map_err(|why| CallError::BadOutput(format!("rewrite: {why}")))?;
+            Ok(HookReturn::Send(GuestSendDecision::Rewrite(content)))
+        }
+        Ok(Ok(Ok(other))) => Ok(other),
+    }
+}
+
+type HookResult = wasmtime::Result<Result<HookReturn, wit::PluginError>>;
+
+/// Looks the hook up on the instance and calls it. A hook the component does not export is a
+/// host bug (only listed, exported hooks are called), reported as a trap.
+async fn call_hook(
+    target: &CallTarget,
+    hook: &Hook,
+    store: &mut wasmtime::Store<CallState>,
+    instance: &wasmtime::component::Instance,
+) -> HookResult {
+    let missing = || wasmtime::format_err!("the component does not export this hook");
+    let exports = &target.exports;
+    match hook {
+        Hook::Start(info) => {
+            let guest =
+                exports.lifecycle.as_ref().ok_or_else(missing)?.load(&mut *store, instance)?;
+            Ok(guest.call_start(store, info).await?.map(|()| HookReturn::Done))
+        }
+        Hook::Stop(reason) => {
+            let guest =
+                exports.lifecycle.as_ref().ok_or_else(missing)?.load(&mut *store, instance)?;
+            guest.call_stop(store, *reason).await?;
+            Ok(Ok(HookReturn::Done))
+        }
+        Hook::Message(msg) => {
+            let guest =
+                exports.inbound.as_ref().ok_or_else(missing)?.load(&mut *store, instance)?;
+            let decision = guest.call_on_message(store, msg).await?;
+            Ok(decision.map(|d| HookReturn::Decision(bindings::from_wit_decision(d))))
+        }
+        Hook::BeforeSend(msg, origin) => {
+            let guest =
+                exports.outbound.as_ref().ok_or_else(missing)?.load(&mut *store, instance)?;
+            let decision = guest.call_before_send(store, msg, origin).await?;
+            Ok(decision.map(|d| HookReturn::Send(bindings::from_wit_send_decision(d))))
+        }
+        Hook::AfterSend(sent, origin) => {
+            let guest =
+                exports.outbound.as_ref().ok_or_else(missing)?.load(&mut *store, instance)?;
+            guest.call_after_send(store, sent, origin).await?;
+            Ok(Ok(HookReturn::Done))
+        }
+        Hook::SendFailed(failure, origin) => {
+            let guest =
+                exports.outbound.as_ref().ok_or_else(missing)?.load(&mut *store, instance)?;
+            guest.call_send_failed(store, failure, origin).await?;
+            Ok(Ok(HookReturn::Done))
+        }
+        Hook::Tick(tick) => {
+            let guest = exports.timer.as_ref().ok_or_else(missing)?.load(&mut *store, instance)?;
+            guest.call_on_tick(store, tick).await?;
+            Ok(Ok(HookReturn::Done))
+        }
     }
 }
 
@@ -127,7 +286,7 @@ fn classify(err: &wasmtime::Error, limiter: &CallLimiter, budget: Duration) -> C
 }
 
 impl CallState {
-    fn new(target: &CallTarget) -> CallState {
+    fn new(target: &Arc<CallTarget>, scope: SendScope, budget: Duration) -> CallState {
         let stdout = OutputCapture::default();
         let stderr = OutputCapture::default();
 
@@ -139,6 +298,13 @@ impl CallState {
         CallState {
             plugin_id: target.id.clone(),
             config: target.config.clone(),
+            grants: target.grants.clone(),
+            services: target.services.clone(),
+            http: target.http.clone(),
+            target: Arc::clone(target),
+            scope,
+            sends_made: 0,
+            deadline: Instant::now() + budget,
             wasi,
             table: ResourceTable::new(),
             limiter: CallLimiter { limits, memory_refused: false },
@@ -190,7 +356,7 @@ impl WasiView for CallState {
 impl agentchat::plugin::types::Host for CallState {}
 
 impl agentchat::plugin::log::Host for CallState {
-    fn log(
+    async fn log(
         &mut self,
         level: agentchat::plugin::types::Level,
         msg: String,
@@ -218,14 +384,14 @@ impl agentchat::plugin::log::Host for CallState {
 }
 
 impl agentchat::plugin::config::Host for CallState {
-    fn get(&mut self, key: String) -> Option<String> {
+    async fn get(&mut self, key: String) -> Option<String> {
         self.config.values.get(&key).map(|value| match value {
             serde_json::Value::String(text) => text.clone(),
             other => other.to_string(),
         })
     }
 
-    fn all_json(&mut self) -> String {
+    async fn all_json(&mut self) -> String {
         self.config.json.clone()
     }
 }
@@ -246,7 +412,7 @@ fn render_fields(fields: &[(String, String)]) -> String {
 }
 
 /// Cuts `text` to at most `max` bytes on a character boundary.
-fn truncate(text: &str, max: usize) -> &str {
+pub(crate) fn truncate(text: &str, max: usize) -> &str {
     if text.len() <= max {
         return text;
     }

@@ -19,7 +19,13 @@ pub const MANIFEST_FILE: &str = "agentchat-plugin.toml";
 const MAX_FILE_BYTES: u64 = 256 * 1024;
 
 /// Hooks (exported interfaces of `agentchat:plugin`) this host can call.
-pub const KNOWN_HOOKS: &[&str] = &["inbound"];
+pub const KNOWN_HOOKS: &[&str] = &["lifecycle", "inbound", "outbound", "timer"];
+
+/// Shortest timer period a manifest may declare.
+pub const MIN_TIMER_PERIOD: Duration = Duration::from_secs(1);
+
+/// Most timers one plugin may declare.
+pub const MAX_TIMERS: usize = 16;
 
 /// A parsed and checked manifest.
 #[derive(Debug, Clone, PartialEq)]
@@ -36,8 +42,12 @@ pub struct Manifest {
     pub api: String,
     /// The component file, resolved against the manifest's folder.
     pub component: PathBuf,
-    /// Hooks the component exports, in the names of [`KNOWN_HOOKS`].
+    /// Hooks the host calls, in the names of [`KNOWN_HOOKS`]; the component must export each.
+    /// A component may export more (an SDK exports every hook with a default); those are not
+    /// called.
     pub hooks: Vec<String>,
+    /// Timers whose ticks the `timer` hook receives.
+    pub timers: Vec<TimerSpec>,
     /// Capabilities the plugin needs; the operator must grant each one.
     pub capabilities: Capabilities,
     /// Per-call limits the plugin declares.
@@ -47,8 +57,9 @@ pub struct Manifest {
 }
 
 /// Capabilities a plugin asks for (in a manifest) or an operator grants (in a
-/// [`super::PluginSetup`]). Nothing is granted by default. The hooks that use them are not in
-/// this API version yet, so today a request only has to be matched by a grant.
+/// [`super::PluginSetup`]). Nothing is granted by default. A request without a grant refuses
+/// the load; a grant without a request is harmless. The host checks grants again on every
+/// import call, so a plugin without a manifest gets exactly what the operator granted.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
 pub struct Capabilities {
@@ -61,6 +72,9 @@ pub struct Capabilities {
     /// Timer ticks.
     #[serde(default)]
     pub timers: bool,
+    /// Reading conversation history.
+    #[serde(default)]
+    pub history: bool,
     /// Hosts outbound HTTP may reach (exact host names).
     #[serde(default)]
     pub http_allowed_hosts: Vec<String>,
@@ -75,6 +89,7 @@ impl Capabilities {
             ("send", self.send, granted.send),
             ("kv", self.kv, granted.kv),
             ("timers", self.timers, granted.timers),
+            ("history", self.history, granted.history),
         ] {
             if wanted && !given {
                 missing.push(name.to_string());
@@ -87,6 +102,15 @@ impl Capabilities {
         }
         missing
     }
+}
+
+/// A timer a manifest declares: the `timer` hook gets a tick every `period`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TimerSpec {
+    /// Name handed to the hook in each tick.
+    pub id: String,
+    /// Time between ticks.
+    pub period: Duration,
 }
 
 /// Per-call limits a manifest declares. The host never gives more than the operator allows;
@@ -144,10 +168,19 @@ struct RawManifest {
     component: PathBuf,
     hooks: Vec<String>,
     #[serde(default)]
+    timers: Vec<RawTimer>,
+    #[serde(default)]
     capabilities: Capabilities,
     #[serde(default)]
     limits: RawLimits,
     config_schema: Option<RawSchema>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+struct RawTimer {
+    id: String,
+    every_ms: u64,
 }
 
 #[derive(Deserialize, Default)]
@@ -197,6 +230,8 @@ impl Manifest {
         check_version(&raw.version).map_err(|why| invalid("version", why))?;
         check_api(&raw.api).map_err(|why| invalid("api", why))?;
         let hooks = check_hooks(raw.hooks).map_err(|why| invalid("hooks", why))?;
+        let timers = check_timers(raw.timers, &hooks, &raw.capabilities)
+            .map_err(|why| invalid("timers", why))?;
         let limits = check_limits(&raw.limits, &invalid)?;
         if raw.component.as_os_str().is_empty() {
             return Err(invalid("component", "is empty; give the path of the .wasm file".into()));
@@ -214,6 +249,7 @@ impl Manifest {
             api: raw.api,
             component: normalize(&dir.join(raw.component)),
             hooks,
+            timers,
             capabilities: raw.capabilities,
             limits,
             config_schema,
@@ -311,6 +347,45 @@ fn check_hooks(hooks: Vec<String>) -> Result<Vec<String>, String> {
         seen.push(hook);
     }
     Ok(seen)
+}
+
+fn check_timers(
+    raw: Vec<RawTimer>,
+    hooks: &[String],
+    capabilities: &Capabilities,
+) -> Result<Vec<TimerSpec>, String> {
+    let listed = hooks.iter().any(|h| h == "timer");
+    match (raw.is_empty(), listed) {
+        (true, true) => {
+            return Err("is empty but hooks list `timer`; declare at least one timer".into());
+        }
+        (false, false) => {
+            return Err("declares timers but hooks do not list `timer`; add it".into());
+        }
+        _ => {}
+    }
+    if !raw.is_empty() && !capabilities.timers {
+        return Err("declares timers without asking for them; set capabilities.timers".into());
+    }
+    if raw.len() > MAX_TIMERS {
+        return Err(format!("declares {} timers; at most {MAX_TIMERS} are allowed", raw.len()));
+    }
+    let mut timers: Vec<TimerSpec> = Vec::with_capacity(raw.len());
+    for timer in raw {
+        check_id(&timer.id).map_err(|why| format!("timer id: {why}"))?;
+        if timers.iter().any(|t| t.id == timer.id) {
+            return Err(format!("timer `{}` is declared twice", timer.id));
+        }
+        let period = Duration::from_millis(timer.every_ms);
+        if period < MIN_TIMER_PERIOD || timer.every_ms > 7 * 24 * 3_600_000 {
+            return Err(format!(
+                "timer `{}`: every-ms = {} is outside 1000..=604800000 (1 s to 7 days)",
+                timer.id, timer.every_ms
+            ));
+        }
+        timers.push(TimerSpec { id: timer.id, period });
+    }
+    Ok(timers)
 }
 
 fn check_limits(

@@ -66,6 +66,8 @@ mod breaker;
 mod call;
 mod engine;
 mod error;
+mod hooks;
+mod imports;
 mod manifest;
 mod schema;
 mod validate;
@@ -77,23 +79,28 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
+use tokio::sync::{Notify, Semaphore};
 use tokio::time::Instant;
-
-use tokio::sync::Semaphore;
 use tracing::Instrument;
 use wasmtime::component::{Component, HasSelf, Linker};
 
 pub use breaker::{BreakerSettings, MAX_BREAKER_SPAN};
 pub use engine::{EPOCH_TICK, MAX_CONCURRENT_CALLS};
 pub use error::{CallError, PluginError};
+pub use hooks::{
+    Content, FailureClass, MAX_HOPS, Origin, OutboundMessage, STOP_BUDGET, SendFailure,
+    SendVerdict, Sent, StartReason, StopReason, Trigger,
+};
+pub use imports::HTTP_MAX_RESPONSE_BYTES;
 pub use manifest::{
-    Capabilities, KNOWN_HOOKS, MANIFEST_FILE, Manifest, ManifestError, ManifestLimits,
+    Capabilities, KNOWN_HOOKS, MANIFEST_FILE, Manifest, ManifestError, ManifestLimits, TimerSpec,
 };
 pub use schema::{ConfigSchema, Violation};
 pub use validate::{MAX_DRAFTS_PER_DECISION, MAX_TEXT_BYTES};
 
+use bindings::{Exports, GuestSendDecision};
 use breaker::{Breaker, Transition};
-use call::{CallState, CallTarget, PluginConfig};
+use call::{CallState, CallTarget, Hook, HookReturn, PluginConfig, SendScope};
 use engine::{EngineSettings, EpochTicker};
 
 /// The WIT package this host implements.
@@ -142,10 +149,13 @@ impl PluginSpec {
 pub struct PluginSetup {
     /// How to load and run the plugin.
     pub spec: PluginSpec,
-    /// The plugin's manifest; without one, none of the manifest checks run.
+    /// The plugin's manifest; without one, none of the manifest checks run and only the
+    /// `inbound` hook is called.
     pub manifest: Option<Manifest>,
-    /// Capabilities the operator grants; nothing by default.
-    pub granted: Capabilities,
+    /// What the operator grants; nothing by default.
+    pub grants: Grants,
+    /// What a failed `before-send` call means for the message.
+    pub failure_policy: FailurePolicy,
     /// When repeated failures suspend the plugin.
     pub breaker: BreakerSettings,
 }
@@ -155,10 +165,67 @@ impl From<PluginSpec> for PluginSetup {
         PluginSetup {
             spec,
             manifest: None,
-            granted: Capabilities::default(),
+            grants: Grants::default(),
+            failure_policy: FailurePolicy::Open,
             breaker: BreakerSettings::default(),
         }
     }
+}
+
+/// The operator's grants to one plugin: capabilities and the quotas that go with them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Grants {
+    /// What the plugin may use.
+    pub capabilities: Capabilities,
+    /// Proactive sends per minute (with `send`).
+    pub send_per_minute: u32,
+    /// Bytes of keys and values the plugin may keep (with `kv`).
+    pub kv_max_bytes: u64,
+}
+
+/// Default proactive sends per minute of a plugin granted `send`.
+pub const DEFAULT_SEND_PER_MINUTE: u32 = 10;
+
+/// Default kv quota of a plugin granted `kv`: 1 MiB.
+pub const DEFAULT_KV_MAX_BYTES: u64 = 1 << 20;
+
+impl Default for Grants {
+    fn default() -> Self {
+        Grants {
+            capabilities: Capabilities::default(),
+            send_per_minute: DEFAULT_SEND_PER_MINUTE,
+            kv_max_bytes: DEFAULT_KV_MAX_BYTES,
+        }
+    }
+}
+
+/// What a failed `before-send` call (trap, timeout, bad output, reported error) means.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum FailurePolicy {
+    /// The message goes on as if the plugin had kept it (the default).
+    #[default]
+    Open,
+    /// The message is cancelled: for guards that must never be skipped (data-loss prevention).
+    Closed,
+}
+
+/// What the daemon lends plugins behind their imports. Missing parts make the matching
+/// imports answer `unavailable`, which is what offline tests and `agentchatd plugin test` get.
+#[derive(Clone, Default)]
+pub struct HostServices {
+    /// Backs `kv` and queues `messaging` sends.
+    pub store: Option<crate::store::Store>,
+    /// Backs `history`.
+    pub api: Option<PacedApi>,
+    /// Woken when a plugin queues a send.
+    pub outbox_wake: Option<Arc<Notify>>,
+}
+
+/// The daemon's API client together with its pacing, so plugin reads share the request budget.
+#[derive(Clone)]
+pub struct PacedApi {
+    pub client: crate::client::Client,
+    pub limiter: Arc<crate::outbox::RateLimiter>,
 }
 
 impl PluginSpec {
@@ -186,9 +253,21 @@ impl PluginSetup {
         self
     }
 
-    /// This setup with `granted` as the operator's grants.
+    /// This setup with `granted` as the operator's capabilities (quotas at their defaults).
     pub fn with_grants(mut self, granted: Capabilities) -> PluginSetup {
-        self.granted = granted;
+        self.grants.capabilities = granted;
+        self
+    }
+
+    /// This setup with `grants` as the operator's grants and quotas.
+    pub fn with_all_grants(mut self, grants: Grants) -> PluginSetup {
+        self.grants = grants;
+        self
+    }
+
+    /// This setup with another failure policy for `before-send`.
+    pub fn with_failure_policy(mut self, policy: FailurePolicy) -> PluginSetup {
+        self.failure_policy = policy;
         self
     }
 }
@@ -265,22 +344,29 @@ pub struct Draft {
     pub data_json: Option<String>,
 }
 
-/// Breaker state of one plugin, from [`PluginHost::status`].
+/// State of one plugin, from [`PluginHost::status`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PluginStatus {
     /// The plugin id.
     pub id: String,
     /// Whether it runs.
     pub state: PluginState,
+    /// The hooks the host calls on it.
+    pub hooks: Vec<String>,
     /// Counted failures still inside the breaker window (reset when a suspension starts).
     pub recent_failures: u32,
     /// Counted failures since the host was loaded.
     pub total_failures: u64,
 }
 
-/// Whether a plugin runs or sits out a cooldown.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// Whether a plugin runs, sits out a cooldown or failed to start.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum PluginState {
+    /// Its `start` hook failed; none of its hooks run until the next reload.
+    Failed {
+        /// What went wrong.
+        reason: String,
+    },
     /// Calls run.
     Active,
     /// Calls return [`CallError::Suspended`] until the cooldown ends.
@@ -290,6 +376,35 @@ pub enum PluginState {
         /// When it ends, by the wall clock (for display only).
         until: std::time::SystemTime,
     },
+}
+
+/// The plugin set in use, shared by the inbox, the outbox, the timers and the reloader. A
+/// reload replaces it; a call already running keeps the set it started with.
+#[derive(Clone)]
+pub struct PluginSet(Arc<std::sync::RwLock<Arc<PluginHost>>>);
+
+impl PluginSet {
+    /// A set holding `host`.
+    pub fn new(host: Arc<PluginHost>) -> PluginSet {
+        PluginSet(Arc::new(std::sync::RwLock::new(host)))
+    }
+
+    /// The plugins in use now.
+    pub fn current(&self) -> Arc<PluginHost> {
+        Arc::clone(&self.0.read().unwrap_or_else(std::sync::PoisonError::into_inner))
+    }
+
+    /// Puts `host` in use and returns the set it replaces.
+    pub fn replace(&self, host: Arc<PluginHost>) -> Arc<PluginHost> {
+        let mut guard = self.0.write().unwrap_or_else(std::sync::PoisonError::into_inner);
+        std::mem::replace(&mut *guard, host)
+    }
+}
+
+impl From<Arc<PluginHost>> for PluginSet {
+    fn from(host: Arc<PluginHost>) -> PluginSet {
+        PluginSet::new(host)
+    }
 }
 
 /// Loaded plugins and the engine that runs them. Cheap to share behind an `Arc`; calls on
@@ -304,7 +419,21 @@ pub struct PluginHost {
 }
 
 impl PluginHost {
-    /// Compiles (or loads from cache) and links every plugin, in the order given.
+    /// Compiles (or loads from cache) and links every plugin, in the order given, with no
+    /// daemon services behind the imports (kv, messaging and history answer `unavailable`).
+    ///
+    /// # Errors
+    ///
+    /// As for [`PluginHost::load_with`].
+    pub async fn load<S: Into<PluginSetup>>(
+        setups: Vec<S>,
+        cache_dir: Option<PathBuf>,
+    ) -> Result<PluginHost, PluginError> {
+        PluginHost::load_with(setups, cache_dir, HostServices::default()).await
+    }
+
+    /// Compiles (or loads from cache) and links every plugin, in the order given; `services`
+    /// back the kv, messaging and history imports.
     ///
     /// `cache_dir`, when set, is created with mode 0700 and holds compiled components between
     /// starts; a corrupt entry is recompiled.
@@ -313,28 +442,33 @@ impl PluginHost {
     ///
     /// A [`PluginError`] naming the plugin, its path and what to fix: bad settings or config,
     /// an unreadable file, a file that is not a component, or a component that does not fit
-    /// the `replier` world. Also fails when the cache directory cannot be prepared.
+    /// the API. Also fails when the cache directory cannot be prepared.
     ///
     /// A setup with a manifest is also refused when the manifest does not match the spec, the
     /// grants, the config or the component's exports (see the module docs); the message names
     /// the plugin and the field.
-    pub async fn load<S: Into<PluginSetup>>(
+    pub async fn load_with<S: Into<PluginSetup>>(
         setups: Vec<S>,
         cache_dir: Option<PathBuf>,
+        services: HostServices,
     ) -> Result<PluginHost, PluginError> {
         let setups: Vec<PluginSetup> = setups.into_iter().map(Into::into).collect();
         let mut specs: Vec<PluginSpec> = Vec::with_capacity(setups.len());
-        let mut configs = Vec::with_capacity(setups.len());
-        let mut manifests = Vec::with_capacity(setups.len());
+        let mut prepared = Vec::with_capacity(setups.len());
         for setup in setups {
             check_spec(&setup.spec, &specs)?;
-            let spec = apply_manifest(setup.spec, setup.manifest.as_ref(), &setup.granted)?;
+            let spec = apply_manifest(setup.spec, setup.manifest.as_ref(), &setup.grants)?;
             let config = parse_config(&spec)?;
             if let Some(schema) = setup.manifest.as_ref().and_then(|m| m.config_schema.as_ref()) {
                 check_config_schema(&spec.id, schema, &config)?;
             }
-            configs.push((Arc::new(config), setup.breaker));
-            manifests.push(setup.manifest);
+            prepared.push(Prepared {
+                config: Arc::new(config),
+                breaker: setup.breaker,
+                manifest: setup.manifest,
+                grants: setup.grants,
+                failure_policy: setup.failure_policy,
+            });
             specs.push(spec);
         }
 
@@ -350,9 +484,8 @@ impl PluginHost {
         let linker = build_linker(&engine)?;
 
         let mut plugins = Vec::with_capacity(specs.len());
-        for ((spec, (config, breaker)), manifest) in specs.into_iter().zip(configs).zip(manifests) {
-            let mut target = load_one(&engine, &linker, spec, config, manifest.as_ref()).await?;
-            target.breaker = std::sync::Mutex::new(Breaker::new(breaker));
+        for (spec, prepared) in specs.into_iter().zip(prepared) {
+            let target = load_one(&engine, &linker, spec, prepared, &services).await?;
             plugins.push(Arc::new(target));
         }
 
@@ -361,17 +494,23 @@ impl PluginHost {
         Ok(PluginHost { plugins, call_slots: Arc::new(Semaphore::new(slots)), _ticker: ticker })
     }
 
-    /// Runs the plugins in order on `msg` and returns one verdict per plugin called. Stops
-    /// after a `Claim` or a `Drop`; a failed call counts as a pass (see the module docs).
+    /// Runs the plugins that take inbound messages on `msg`, in order, and returns one verdict
+    /// per plugin called. Stops after a `Claim` or a `Drop`; a failed call counts as a pass
+    /// (see the module docs). Proactive sends made meanwhile are tied to the message's id.
     ///
     /// Does not panic: each call runs on its own tokio task, so even a panic inside wasmtime
     /// comes back as a [`CallError::Trap`] verdict. Must be called within a tokio runtime.
     pub async fn on_message(&self, msg: &InboundMessage) -> Vec<Verdict> {
-        let wit_msg = Arc::new(bindings::to_wit_message(msg));
+        let hook = Arc::new(Hook::Message(Arc::new(bindings::to_wit_message(msg))));
+        let scope = SendScope { trigger: Some(Trigger::Inbound), hops: 1, cause: msg.id.clone() };
         let mut verdicts = Vec::with_capacity(self.plugins.len());
 
-        for plugin in &self.plugins {
-            let result = self.call(plugin, &wit_msg, &msg.id).await;
+        for plugin in self.listening("inbound") {
+            let result = match self.call(plugin, &hook, scope.clone(), &msg.id).await {
+                Ok(HookReturn::Decision(decision)) => Ok(decision),
+                Ok(_) => Err(CallError::BadOutput("on-message returned no decision".into())),
+                Err(err) => Err(err),
+            };
             let stop = matches!(result, Ok(Decision::Claim(_) | Decision::Drop));
             verdicts.push(Verdict { plugin_id: plugin.id.to_string(), result });
             if stop {
@@ -379,6 +518,166 @@ impl PluginHost {
             }
         }
         verdicts
+    }
+
+    /// Whether any plugin takes `before-send`, so the outbox can skip the bookkeeping.
+    pub fn guards_sends(&self) -> bool {
+        self.listening("outbound").next().is_some()
+    }
+
+    /// Runs the `before-send` chain on `msg`: plugins in order, each seeing the latest
+    /// rewrite, a cancel ending the chain. A failed call keeps the message as it stands,
+    /// unless the plugin's failure policy is [`FailurePolicy::Closed`], which cancels it.
+    pub async fn before_send(&self, msg: &OutboundMessage, origin: &Origin) -> SendVerdict {
+        let mut current = msg.clone();
+        let mut rewriters: Vec<String> = Vec::new();
+        let wit_origin = bindings::to_wit_origin(origin);
+        for plugin in self.listening("outbound") {
+            let hook =
+                Arc::new(Hook::BeforeSend(bindings::to_wit_outbound(&current), wit_origin.clone()));
+            match self.call(plugin, &hook, SendScope::closed(), &msg.key).await {
+                Ok(HookReturn::Send(GuestSendDecision::Keep) | HookReturn::Done) => {}
+                Ok(HookReturn::Send(GuestSendDecision::Rewrite(content))) => {
+                    tracing::debug!(plugin = %plugin.id, key = %msg.key, "send rewritten");
+                    current.text = content.text;
+                    current.data_json = content.data_json;
+                    rewriters.push(plugin.id.to_string());
+                }
+                Ok(HookReturn::Send(GuestSendDecision::Cancel(reason))) => {
+                    let reason = call::truncate(&reason, 512).to_owned();
+                    return SendVerdict::Cancel { plugin_id: plugin.id.to_string(), reason };
+                }
+                Ok(HookReturn::Decision(_)) => {}
+                Err(err) if plugin.failure_policy == FailurePolicy::Closed => {
+                    let reason = format!("its before-send failed and it fails closed: {err}");
+                    return SendVerdict::Cancel { plugin_id: plugin.id.to_string(), reason };
+                }
+                Err(_) => {}
+            }
+        }
+        if rewriters.is_empty() {
+            SendVerdict::Keep
+        } else {
+            let content = Content { text: current.text, data_json: current.data_json };
+            SendVerdict::Rewrite { content, by: rewriters }
+        }
+    }
+
+    /// Tells every plugin that takes outbound hooks that `sent` went out. Sends they make
+    /// meanwhile are one hop further from the event that started the chain.
+    pub async fn after_send(&self, sent: &Sent, origin: &Origin) {
+        let hook =
+            Arc::new(Hook::AfterSend(bindings::to_wit_sent(sent), bindings::to_wit_origin(origin)));
+        self.observe(&hook, origin, &format!("sent:{}", sent.message.key)).await;
+    }
+
+    /// Tells every plugin that takes outbound hooks that a send attempt failed.
+    pub async fn send_failed(&self, failure: &SendFailure, origin: &Origin) {
+        let hook = Arc::new(Hook::SendFailed(
+            bindings::to_wit_failure(failure),
+            bindings::to_wit_origin(origin),
+        ));
+        let cause = format!("failed:{}:{}", failure.message.key, failure.attempt);
+        self.observe(&hook, origin, &cause).await;
+    }
+
+    async fn observe(&self, hook: &Arc<Hook>, origin: &Origin, cause: &str) {
+        let hops = origin.hops.saturating_add(1);
+        let scope = SendScope { trigger: Some(Trigger::PluginSend), hops, cause: cause.to_owned() };
+        for plugin in self.listening("outbound") {
+            let _ = self.call(plugin, hook, scope.clone(), cause).await;
+        }
+    }
+
+    /// Calls `start` on every plugin that takes lifecycle hooks. A plugin whose `start` fails
+    /// is marked failed: none of its hooks run and [`PluginHost::status`] says why. Returns
+    /// the ids of the plugins that failed.
+    pub async fn start(&self, agent_handle: &str, reason: StartReason) -> Vec<String> {
+        let info = bindings::wit::StartInfo {
+            daemon_version: env!("CARGO_PKG_VERSION").to_owned(),
+            agent_handle: agent_handle.to_owned(),
+            reason: bindings::to_wit_start_reason(reason),
+        };
+        let hook = Arc::new(Hook::Start(info));
+        let started_ms = crate::outbox::now_ms();
+        let mut failed = Vec::new();
+        for plugin in self.plugins.iter().filter(|p| p.listens("lifecycle")) {
+            let cause = format!("start:{started_ms}");
+            let scope = SendScope { trigger: Some(Trigger::Startup), hops: 1, cause };
+            if let Err(err) = self.call(plugin, &hook, scope, "start").await {
+                tracing::warn!(plugin = %plugin.id, error = %err, "plugin failed to start; its \
+                    hooks will not run until the next reload");
+                plugin.set_failure(Some(format!("start failed: {err}")));
+                failed.push(plugin.id.to_string());
+            }
+        }
+        failed
+    }
+
+    /// Calls `stop` on every started plugin that takes lifecycle hooks, each with at most
+    /// [`STOP_BUDGET`].
+    pub async fn stop(&self, reason: StopReason) {
+        let hook = Arc::new(Hook::Stop(bindings::to_wit_stop_reason(reason)));
+        for plugin in self.listening("lifecycle") {
+            let _ = self.call(plugin, &hook, SendScope::closed(), "stop").await;
+        }
+    }
+
+    /// The timers of every plugin that takes ticks: (plugin id, timer).
+    pub fn timers(&self) -> Vec<(String, TimerSpec)> {
+        self.listening("timer")
+            .flat_map(|p| p.timers.iter().map(|t| (p.id.to_string(), t.clone())))
+            .collect()
+    }
+
+    /// Runs every declared timer until `stop` fires. A timer's next tick waits for its last
+    /// one to finish, and ticks missed meanwhile (or while the daemon was busy) coalesce into
+    /// one.
+    pub async fn run_timers(self: Arc<Self>, stop: tokio_util::sync::CancellationToken) {
+        let mut tasks = tokio::task::JoinSet::new();
+        for plugin in self.listening("timer").cloned().collect::<Vec<_>>() {
+            for timer in plugin.timers.clone() {
+                let (host, plugin, stop) = (Arc::clone(&self), Arc::clone(&plugin), stop.clone());
+                tasks.spawn(async move { host.timer_loop(plugin, timer, stop).await });
+            }
+        }
+        while tasks.join_next().await.is_some() {}
+    }
+
+    async fn timer_loop(
+        &self,
+        plugin: Arc<CallTarget>,
+        timer: TimerSpec,
+        stop: tokio_util::sync::CancellationToken,
+    ) {
+        let mut interval =
+            tokio::time::interval_at(tokio::time::Instant::now() + timer.period, timer.period);
+        interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+        let period_ms = i64::try_from(timer.period.as_millis()).unwrap_or(i64::MAX);
+        loop {
+            tokio::select! {
+                () = stop.cancelled() => return,
+                _ = interval.tick() => {}
+            }
+            let fired_ms = crate::outbox::now_ms();
+            // Due times sit on the period's grid, so a tick replayed after a restart within
+            // the same period gets the same cause (and its sends the same keys).
+            let due_ms = fired_ms - fired_ms.rem_euclid(period_ms.max(1));
+            let tick = bindings::wit::Tick {
+                timer_id: timer.id.clone(),
+                due_at_ms: u64::try_from(due_ms).unwrap_or(0),
+                fired_at_ms: u64::try_from(fired_ms).unwrap_or(0),
+            };
+            let cause = format!("tick:{}:{due_ms}", timer.id);
+            let scope = SendScope { trigger: Some(Trigger::Timer), hops: 1, cause };
+            let hook = Arc::new(Hook::Tick(tick));
+            let _ = self.call(&plugin, &hook, scope, &timer.id).await;
+        }
+    }
+
+    /// Plugins that take `hook` and have not failed to start, in call order.
+    fn listening<'a>(&'a self, hook: &'a str) -> impl Iterator<Item = &'a Arc<CallTarget>> + 'a {
+        self.plugins.iter().filter(move |p| p.listens(hook) && p.failure().is_none())
     }
 
     /// Ids of the loaded plugins, in call order.
@@ -395,14 +694,21 @@ impl PluginHost {
             .map(|plugin| {
                 let (recent_failures, remaining, total_failures) =
                     plugin.lock_breaker().snapshot(now);
-                let state = match remaining {
-                    None => PluginState::Active,
-                    Some(remaining) => PluginState::Suspended {
+                let state = match (plugin.failure(), remaining) {
+                    (Some(reason), _) => PluginState::Failed { reason },
+                    (None, None) => PluginState::Active,
+                    (None, Some(remaining)) => PluginState::Suspended {
                         remaining,
                         until: now_wall.checked_add(remaining).unwrap_or(now_wall),
                     },
                 };
-                PluginStatus { id: plugin.id.to_string(), state, recent_failures, total_failures }
+                PluginStatus {
+                    id: plugin.id.to_string(),
+                    state,
+                    hooks: plugin.hooks.clone(),
+                    recent_failures,
+                    total_failures,
+                }
             })
             .collect()
     }
@@ -412,21 +718,22 @@ impl PluginHost {
     async fn call(
         &self,
         plugin: &Arc<CallTarget>,
-        msg: &Arc<bindings::wit::InboundMessage>,
-        message_id: &str,
-    ) -> Result<Decision, CallError> {
+        hook: &Arc<Hook>,
+        scope: SendScope,
+        subject: &str,
+    ) -> Result<HookReturn, CallError> {
         let admitted = plugin.lock_breaker().admit(tokio::time::Instant::now());
         match admitted {
             Err(remaining) => {
                 let remaining_ms = u64::try_from(remaining.as_millis()).unwrap_or(u64::MAX);
-                tracing::debug!(plugin = %plugin.id, message_id, remaining_ms, "plugin skipped");
+                tracing::debug!(plugin = %plugin.id, subject, remaining_ms, "plugin skipped");
                 return Err(CallError::Suspended { remaining });
             }
             Ok(Some(Transition::Resumed)) => tracing::info!(plugin = %plugin.id, "plugin resumed"),
             Ok(_) => {}
         }
 
-        let result = self.spawn_call(plugin, msg, message_id).await;
+        let result = self.spawn_call(plugin, hook, scope, subject).await;
         if result.as_ref().is_err_and(CallError::counts_as_failure) {
             let tripped = plugin.lock_breaker().record_failure(tokio::time::Instant::now());
             if let Some(Transition::Suspended { failures }) = tripped {
@@ -445,17 +752,24 @@ impl PluginHost {
     async fn spawn_call(
         &self,
         plugin: &Arc<CallTarget>,
-        msg: &Arc<bindings::wit::InboundMessage>,
-        message_id: &str,
-    ) -> Result<Decision, CallError> {
-        let span = tracing::debug_span!("plugin_call", plugin = %plugin.id, message_id);
-        let (target, msg, slots) = (plugin.clone(), msg.clone(), self.call_slots.clone());
+        hook: &Arc<Hook>,
+        scope: SendScope,
+        subject: &str,
+    ) -> Result<HookReturn, CallError> {
+        let hook_name = hook.name();
+        let span =
+            tracing::debug_span!("plugin_call", plugin = %plugin.id, hook = hook_name, subject);
+        let (target, hook, slots) = (plugin.clone(), hook.clone(), self.call_slots.clone());
+        let budget = match &*hook {
+            Hook::Stop(_) => plugin.timeout.min(STOP_BUDGET),
+            _ => plugin.timeout,
+        };
         let task = tokio::spawn(
             async move {
                 // The semaphore is never closed, so acquiring only waits.
                 let _permit = slots.acquire_owned().await;
                 let started = Instant::now();
-                let result = call::run(&target, &msg).await;
+                let result = call::run(&target, &hook, scope, budget).await;
                 log_outcome(&result, started);
                 result
             }
@@ -470,13 +784,33 @@ impl PluginHost {
     }
 }
 
-fn log_outcome(result: &Result<Decision, CallError>, started: Instant) {
+/// What `load_with` keeps of a setup between checking it and loading the component.
+struct Prepared {
+    config: Arc<PluginConfig>,
+    breaker: BreakerSettings,
+    manifest: Option<Manifest>,
+    grants: Grants,
+    failure_policy: FailurePolicy,
+}
+
+/// The kind of a message as plugins see it; unknown kinds are handled as text.
+pub fn content_kind(kind: &str) -> ContentKind {
+    match kind {
+        "structured" => ContentKind::Structured,
+        "file" => ContentKind::File,
+        "system" => ContentKind::System,
+        _ => ContentKind::Text,
+    }
+}
+
+fn log_outcome(result: &Result<HookReturn, CallError>, started: Instant) {
     let elapsed_us = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
     match result {
-        Ok(decision) => {
+        Ok(HookReturn::Decision(decision)) => {
             let decision = decision_name(decision);
             tracing::debug!(decision, elapsed_us, "plugin call done");
         }
+        Ok(_) => tracing::debug!(elapsed_us, "plugin call done"),
         Err(err) => tracing::warn!(error = %err, elapsed_us, "plugin call failed, counted as pass"),
     }
 }
@@ -517,8 +851,9 @@ fn check_spec(spec: &PluginSpec, earlier: &[PluginSpec]) -> Result<(), PluginErr
 fn apply_manifest(
     mut spec: PluginSpec,
     manifest: Option<&Manifest>,
-    granted: &Capabilities,
+    grants: &Grants,
 ) -> Result<PluginSpec, PluginError> {
+    let granted = &grants.capabilities;
     let Some(manifest) = manifest else {
         return Ok(spec);
     };
@@ -582,36 +917,26 @@ fn check_config_schema(
     Err(PluginError::ConfigSchema { id: id.to_string(), field, reason })
 }
 
-/// Refuses a component whose `agentchat:plugin` exports differ from the manifest's hooks.
+/// Refuses a component that does not export every hook its manifest lists. Exports beyond
+/// the list are allowed (an SDK may export every hook with a default) and never called.
 fn check_exports(
-    engine: &wasmtime::Engine,
-    component: &Component,
     spec: &PluginSpec,
     manifest: &Manifest,
+    exports: &Exports,
 ) -> Result<(), PluginError> {
-    let exported: Vec<String> = component
-        .component_type()
-        .exports(engine)
-        .filter_map(|(name, _)| {
-            let rest = name.strip_prefix("agentchat:plugin/")?;
-            Some(rest.split('@').next().unwrap_or(rest).to_string())
-        })
-        .collect();
     let missing: Vec<&str> =
-        manifest.hooks.iter().filter(|h| !exported.contains(h)).map(String::as_str).collect();
-    let unlisted: Vec<&str> =
-        exported.iter().filter(|e| !manifest.hooks.contains(e)).map(String::as_str).collect();
-    if missing.is_empty() && unlisted.is_empty() {
+        manifest.hooks.iter().filter(|h| !exports.has(h)).map(String::as_str).collect();
+    if missing.is_empty() {
         return Ok(());
     }
+    let exported: Vec<&str> = KNOWN_HOOKS.iter().copied().filter(|h| exports.has(h)).collect();
     Err(PluginError::Manifest {
         id: spec.id.clone(),
         path: manifest.path.clone(),
         key: "hooks".to_string(),
         reason: format!(
-            "lists {:?} but {} exports {exported:?} (missing: {missing:?}, not listed: \
-             {unlisted:?}); make the list match the component",
-            manifest.hooks,
+            "lists {missing:?}, which {} does not export (it exports {exported:?}); build the \
+             component with those hooks or remove them from the list",
             spec.path.display()
         ),
     })
@@ -636,7 +961,7 @@ fn parse_config(spec: &PluginSpec) -> Result<PluginConfig, PluginError> {
     }
 }
 
-/// The imports every plugin is linked against: WASI p2 and the `replier` world's own.
+/// The imports every plugin is linked against: WASI p2 (empty context) and the API's own.
 fn build_linker(engine: &wasmtime::Engine) -> Result<Linker<CallState>, PluginError> {
     let link_err = |err: wasmtime::Error| PluginError::Engine {
         reason: format!("cannot set up the plugin imports: {err:#}"),
@@ -644,8 +969,7 @@ fn build_linker(engine: &wasmtime::Engine) -> Result<Linker<CallState>, PluginEr
 
     let mut linker = Linker::new(engine);
     wasmtime_wasi::p2::add_to_linker_async(&mut linker).map_err(link_err)?;
-    bindings::Replier::add_to_linker::<_, HasSelf<_>>(&mut linker, |state| state)
-        .map_err(link_err)?;
+    bindings::Full::add_to_linker::<_, HasSelf<_>>(&mut linker, |state| state).map_err(link_err)?;
     Ok(linker)
 }
 
@@ -654,8 +978,8 @@ async fn load_one(
     engine: &wasmtime::Engine,
     linker: &Linker<CallState>,
     spec: PluginSpec,
-    config: Arc<PluginConfig>,
-    manifest: Option<&Manifest>,
+    prepared: Prepared,
+    services: &HostServices,
 ) -> Result<CallTarget, PluginError> {
     let started = Instant::now();
     let bytes = tokio::fs::read(&spec.path).await.map_err(|source| PluginError::Read {
@@ -673,27 +997,56 @@ async fn load_one(
         Ok(Err(err)) => return Err(compile_error(&spec, format!("{err:#}"))),
         Err(join_err) => return Err(compile_error(&spec, join_err.to_string())),
     };
-    if let Some(manifest) = manifest {
-        check_exports(engine, &component, &spec, manifest)?;
-    }
 
     let link_error = |err: wasmtime::Error| PluginError::Link {
         id: spec.id.clone(),
         path: spec.path.clone(),
         reason: format!("{err:#}"),
     };
-    let instance_pre = linker.instantiate_pre(&component).map_err(link_error)?;
-    let pre = bindings::ReplierPre::new(instance_pre).map_err(link_error)?;
+    let pre = linker.instantiate_pre(&component).map_err(link_error)?;
+    let exports = Exports::find(&pre);
+    let (hooks, timers) = match &prepared.manifest {
+        Some(manifest) => {
+            check_exports(&spec, manifest, &exports)?;
+            (manifest.hooks.clone(), manifest.timers.clone())
+        }
+        None if exports.inbound.is_some() => (vec!["inbound".to_string()], Vec::new()),
+        None => {
+            return Err(link_error(wasmtime::format_err!(
+                "it exports no `agentchat:plugin/inbound` hook; without a manifest only that \
+                 hook is called, so give the plugin an agentchat-plugin.toml listing its hooks"
+            )));
+        }
+    };
+    let granted_hosts = prepared.grants.capabilities.http_allowed_hosts.clone();
+    let http = if granted_hosts.is_empty() {
+        None
+    } else {
+        Some(imports::http_client(granted_hosts).map_err(|err| PluginError::Engine {
+            reason: format!("cannot build the HTTP client of plugin `{}`: {err}", spec.id),
+        })?)
+    };
 
     let elapsed_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
-    tracing::info!(plugin = %spec.id, path = %spec.path.display(), elapsed_ms, "plugin loaded");
+    tracing::info!(
+        plugin = %spec.id, path = %spec.path.display(), ?hooks, elapsed_ms, "plugin loaded"
+    );
     Ok(CallTarget {
         id: Arc::from(spec.id),
         pre,
-        config,
+        exports,
+        hooks,
+        timers,
+        config: prepared.config,
         timeout: spec.timeout,
         memory_limit_bytes: spec.memory_limit_bytes,
-        breaker: std::sync::Mutex::new(Breaker::new(BreakerSettings::default())),
+        grants: Arc::new(prepared.grants),
+        failure_policy: prepared.failure_policy,
+        services: services.clone(),
+        http,
+        recent_sends: std::sync::Mutex::default(),
+        failed: std::sync::Mutex::new(None),
+        breaker: std::sync::Mutex::new(Breaker::new(prepared.breaker)),
     })
 }
 

@@ -33,18 +33,23 @@ fn check_drafts(drafts: &[Draft]) -> Result<(), CallError> {
 }
 
 fn check_draft(draft: &Draft) -> Result<(), String> {
-    if draft.text.is_none() && draft.data_json.is_none() {
-        return Err("neither text nor data-json is set; set at least one".to_string());
-    }
     if draft.conversation_id.as_deref() == Some("") {
         return Err("conversation-id is empty; use none to answer in the same conversation".into());
     }
-    if let Some(text) = &draft.text
+    check_content(draft.text.as_deref(), draft.data_json.as_deref())
+}
+
+/// Checks message content from any hook or import: text, data or both, within limits.
+pub(crate) fn check_content(text: Option<&str>, data_json: Option<&str>) -> Result<(), String> {
+    if text.is_none() && data_json.is_none() {
+        return Err("neither text nor data-json is set; set at least one".to_string());
+    }
+    if let Some(text) = text
         && text.len() > MAX_TEXT_BYTES
     {
         return Err(format!("text is {} bytes; the limit is {MAX_TEXT_BYTES}", text.len()));
     }
-    if let Some(data) = &draft.data_json {
+    if let Some(data) = data_json {
         match serde_json::from_str::<serde_json::Value>(data) {
             Ok(serde_json::Value::Object(_)) => {}
             Ok(_) => return Err("data-json must be a JSON object".to_string()),

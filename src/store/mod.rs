@@ -1,6 +1,6 @@
 //! Local durable state in one SQLite file: the sync cursor, the ids of processed messages, the
-//! outbound queue ([`queue`]), the ledger of threads with peers ([`ledger`]) and quarantined
-//! inbound data.
+//! outbound queue ([`queue`]), the ledger of threads with peers ([`ledger`]), the plugins'
+//! key-value state ([`kv`]) and quarantined inbound data.
 //!
 //! The invariant that makes restarts safe lives here: a message is recorded as processed in the
 //! same transaction that queues its replies, so after a crash either both exist or neither
@@ -12,15 +12,17 @@ use std::sync::{Arc, Mutex};
 
 use rusqlite::{Connection, OptionalExtension, params};
 
+mod kv;
 mod ledger;
 mod queue;
 
+pub use kv::{KV_MAX_KEY_BYTES, KV_MAX_VALUE_BYTES, KvWrite};
 pub use ledger::{PeerState, PeerThread};
 use queue::insert_send;
 pub use queue::{NewSend, OutboxCounts, PendingSend, SendRow, SendState};
 
 /// Schema version written by this build.
-const SCHEMA_VERSION: i64 = 1;
+const SCHEMA_VERSION: i64 = 2;
 
 const SCHEMA_V1: &str = "
 CREATE TABLE meta (
@@ -71,6 +73,19 @@ CREATE TABLE quarantine (
     reason TEXT NOT NULL,
     received_ms INTEGER NOT NULL
 );
+";
+
+/// Version 2: whether a queued send has been through the `before-send` hooks, and the
+/// plugins' key-value state.
+const SCHEMA_V2: &str = "
+ALTER TABLE outbox ADD COLUMN vetted INTEGER NOT NULL DEFAULT 0;
+CREATE TABLE plugin_kv (
+    plugin TEXT NOT NULL,
+    key TEXT NOT NULL,
+    value BLOB NOT NULL,
+    expires_ms INTEGER,
+    PRIMARY KEY (plugin, key)
+) WITHOUT ROWID;
 ";
 
 /// A state-store failure.
@@ -327,13 +342,19 @@ fn migrate(conn: &Connection) -> Result<(), Migration> {
     let result = (|| {
         let version: i64 =
             conn.query_row("PRAGMA user_version", [], |r| r.get(0)).map_err(Migration::Sqlite)?;
-        match version {
-            0 => conn
-                .execute_batch(&format!("{SCHEMA_V1} PRAGMA user_version = {SCHEMA_VERSION};"))
-                .map_err(Migration::Sqlite),
-            SCHEMA_VERSION => Ok(()),
-            found => Err(Migration::TooNew(found)),
+        // Each step runs inside the one transaction, so a crash mid-way leaves the old
+        // version intact.
+        let steps: [(i64, &str); 2] = [(1, SCHEMA_V1), (2, SCHEMA_V2)];
+        if version > SCHEMA_VERSION {
+            return Err(Migration::TooNew(version));
         }
+        for (target, sql) in steps {
+            if version < target {
+                conn.execute_batch(&format!("{sql} PRAGMA user_version = {target};"))
+                    .map_err(Migration::Sqlite)?;
+            }
+        }
+        Ok(())
     })();
     let end = if result.is_ok() { "COMMIT" } else { "ROLLBACK" };
     conn.execute_batch(end).map_err(Migration::Sqlite)?;

@@ -86,6 +86,8 @@ pub struct PendingSend {
     pub recipient: Option<String>,
     /// Attempts made so far.
     pub attempts: u32,
+    /// Whether the `before-send` hooks have passed it (they run once per send).
+    pub vetted: bool,
 }
 
 /// Counts of the outbound queue by state.
@@ -117,7 +119,7 @@ impl Store {
         self.call(move |c| {
             let mut stmt = c.prepare_cached(
                 "SELECT o.id, o.client_msg_id, o.lane, o.request_json, o.origin, o.recipient,
-                        o.attempts
+                        o.attempts, o.vetted
                  FROM outbox o
                  WHERE o.state = 'pending'
                    AND o.id = (SELECT MIN(id) FROM outbox i
@@ -135,6 +137,7 @@ impl Store {
                     origin: r.get(4)?,
                     recipient: r.get(5)?,
                     attempts: r.get(6)?,
+                    vetted: r.get(7)?,
                 })
             })?;
             rows.collect()
@@ -319,6 +322,27 @@ impl Store {
         .await
     }
 
+    /// Records that the `before-send` hooks passed a send, with the body they left.
+    ///
+    /// # Errors
+    /// On SQLite failure.
+    pub async fn mark_vetted(
+        &self,
+        id: i64,
+        request_json: String,
+        now_ms: i64,
+    ) -> Result<(), StoreError> {
+        self.call(move |c| {
+            c.execute(
+                "UPDATE outbox SET vetted = 1, request_json = ?2, updated_ms = ?3
+                 WHERE id = ?1 AND state = 'pending'",
+                params![id, request_json, now_ms],
+            )
+            .map(drop)
+        })
+        .await
+    }
+
     /// Puts a dead letter back in the queue with a fresh attempt budget. Returns false when
     /// no dead letter has that id.
     ///
@@ -327,7 +351,7 @@ impl Store {
     pub async fn retry_dead(&self, id: i64, now_ms: i64) -> Result<bool, StoreError> {
         self.call(move |c| {
             c.execute(
-                "UPDATE outbox SET state = 'pending', attempts = 0, hold = NULL,
+                "UPDATE outbox SET state = 'pending', attempts = 0, hold = NULL, vetted = 0,
                  next_attempt_ms = ?2, updated_ms = ?2 WHERE id = ?1 AND state = 'dead'",
                 params![id, now_ms],
             )
