@@ -551,7 +551,10 @@ impl Reloader {
                     self.status.set(&format!("reloaded: {summary}"));
                 }
                 Err(err) => {
-                    tracing::error!(error = %err, "reload refused; the running configuration stays");
+                    tracing::error!(
+                        error = %err,
+                        "reload refused; the running configuration stays"
+                    );
                     self.status.set(&format!("reload refused: {err}"));
                 }
             }

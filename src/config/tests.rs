@@ -162,3 +162,95 @@ fn credentials_in_the_api_url_are_refused() {
     let message = check_invalid(&text, "agent.api_base", 3);
     assert!(!message.contains("pass@"), "{message}");
 }
+
+const PLUGINS: &str = r#"
+[agent]
+api_base = "http://127.0.0.1:8080"
+api_key_env = "K"
+
+[state]
+dir = "state"
+
+[[plugins]]
+id = "low"
+path = "low.wasm"
+
+[[plugins]]
+id = "off"
+path = "off.wasm"
+enabled = false
+
+[[plugins]]
+id = "high"
+path = "high.wasm"
+priority = 10
+failure_policy = "closed"
+
+[plugins.grants]
+send = true
+kv = true
+history = true
+http_allowed_hosts = ["api.example.com", "127.0.0.1:9000"]
+send_per_minute = 30
+kv_max_bytes = 4096
+
+[[plugins]]
+id = "also-low"
+path = "also.wasm"
+"#;
+
+#[test]
+fn plugins_run_by_priority_then_file_order_with_their_grants() {
+    let config = parse_str(PLUGINS).expect("valid");
+    let ids: Vec<&str> = config.plugins.iter().map(|p| p.id.as_str()).collect();
+    assert_eq!(ids, ["high", "low", "also-low"], "disabled entries are left out");
+    let high = &config.plugins[0];
+    assert_eq!(high.failure_policy, crate::plugins::FailurePolicy::Closed);
+    let caps = &high.grants.capabilities;
+    assert!(caps.send && caps.kv && caps.history && !caps.timers);
+    assert_eq!(caps.http_allowed_hosts, ["api.example.com", "127.0.0.1:9000"]);
+    assert_eq!((high.grants.send_per_minute, high.grants.kv_max_bytes), (30, 4096));
+    let low = &config.plugins[1];
+    assert_eq!(low.grants, crate::plugins::Grants::default(), "nothing granted by default");
+    assert_eq!(low.failure_policy, crate::plugins::FailurePolicy::Open);
+}
+
+#[test]
+fn bad_grants_and_policies_name_the_key() {
+    let bad_host = PLUGINS.replace("\"api.example.com\",", "\"https://api.example.com/v1\",");
+    let message = check_invalid(&bad_host, "plugins.grants.http_allowed_hosts", 24);
+    assert!(message.contains("without scheme, path or wildcards"), "{message}");
+    let bad_rate = PLUGINS.replace("send_per_minute = 30", "send_per_minute = 0");
+    check_invalid(&bad_rate, "plugins.grants.send_per_minute", 24);
+    let bad_policy = PLUGINS.replace("\"closed\"", "\"sometimes\"");
+    let message = check_invalid(&bad_policy, "plugins.failure_policy", 22);
+    assert!(message.contains("\"open\"") && message.contains("\"closed\""), "{message}");
+    let unknown = PLUGINS.replace("kv = true", "kv = true\nfilesystem = true");
+    assert!(parse_str(&unknown).is_err(), "an unknown grant is an error, not ignored");
+}
+
+#[test]
+fn a_plugin_needs_a_path_or_a_manifest() {
+    let text = PLUGINS.replace("id = \"low\"\npath = \"low.wasm\"", "id = \"low\"");
+    let message = check_invalid(&text, "plugins.path", 9);
+    assert!(message.contains("`manifest`"), "{message}");
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let manifest = dir.path().join("agentchat-plugin.toml");
+    std::fs::write(
+        &manifest,
+        "id = \"low\"\nversion = \"0.1.0\"\napi = \"agentchat:plugin@0.1.0\"\n\
+         component = \"build/low.wasm\"\nhooks = [\"inbound\"]\n",
+    )
+    .expect("write manifest");
+    let text = text
+        .replace("id = \"low\"", &format!("id = \"low\"\nmanifest = \"{}\"", manifest.display()));
+    let config = parse_str(&text).expect("valid");
+    let low = config.plugins.iter().find(|p| p.id == "low").expect("low");
+    assert_eq!(low.path, dir.path().join("build/low.wasm"), "path taken from the manifest");
+    assert!(low.manifest.is_some());
+
+    std::fs::write(&manifest, "id = \"low\"\n").expect("break manifest");
+    let message = check_invalid(&text, "plugins.manifest", 11);
+    assert!(message.contains("agentchat-plugin.toml"), "{message}");
+}

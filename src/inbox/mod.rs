@@ -10,8 +10,10 @@
 //! Messages are handled one at a time in arrival order. Known shortcoming: the platform may
 //! push one conversation's messages out of `seq` order when a peer sends several at once, and
 //! they are then handled (and answered) in the order they arrived; a per-conversation reorder
-//! buffer with gap-fill from history would fix it. Plugin failures never hold a message back: a plugin call that traps, times out or
-//! returns bad output counts as that plugin passing, and the message is still acknowledged.
+//! buffer with gap-fill from history would fix it. Plugin failures never hold a message back:
+//! a plugin call that traps, times out or returns bad output counts as that plugin passing,
+//! and the message is still acknowledged. A plugin that waits on the network (an `http` or
+//! `history` import) holds up the messages behind it for as long as its budget allows.
 
 pub mod poll;
 pub mod websocket;

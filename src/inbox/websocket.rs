@@ -75,7 +75,9 @@ impl WsInbox<'_> {
             );
             let connected = tokio::select! {
                 () = shutdown.cancelled() => return Ok(WsEnd::Shutdown),
-                connected = connect => connected.unwrap_or(Err(WsError::ConnectTimeout(CONNECT_TIMEOUT))),
+                connected = connect => {
+                    connected.unwrap_or(Err(WsError::ConnectTimeout(CONNECT_TIMEOUT)))
+                }
             };
             let err = match connected {
                 Ok(conn) => {

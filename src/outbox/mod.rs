@@ -178,7 +178,10 @@ pub const MAX_CONTENT_BYTES: usize = 32_768;
 pub fn content_too_large(content: &crate::client::Content) -> Option<String> {
     let wire_bytes = serde_json::to_string(content).map_or(usize::MAX, |json| json.len()) + 2;
     (wire_bytes > MAX_CONTENT_BYTES).then(|| {
-        format!("content is {wire_bytes} bytes as JSON; the platform accepts at most {MAX_CONTENT_BYTES}")
+        format!(
+            "content is {wire_bytes} bytes as JSON; the platform accepts at most \
+             {MAX_CONTENT_BYTES}"
+        )
     })
 }
 
@@ -944,6 +947,33 @@ mod tests {
         }
         let unauthorized = api_error(401, ErrorCode::Unauthorized, None);
         assert!(matches!(outbox.classify(&pending(0), unauthorized, false), Outcome::Fatal(_)));
+    }
+
+    #[test]
+    fn origins_tell_hooks_who_produced_a_send() {
+        let reply = parse_origin("reply:msg_1:echo:0");
+        assert_eq!(
+            reply,
+            Origin { plugin_id: Some("echo".into()), trigger: Trigger::Inbound, hops: 0 }
+        );
+        let operator = parse_origin("operator:abc");
+        assert_eq!(
+            (operator.plugin_id, operator.trigger, operator.hops),
+            (None, Trigger::Operator, 0)
+        );
+        // Causes may hold colons; only the first four separators split.
+        let origin = plugin_origin("digest", Trigger::Timer, 1, "tick:hourly:3600000");
+        let parsed = parse_origin(&origin);
+        assert_eq!(
+            parsed,
+            Origin { plugin_id: Some("digest".into()), trigger: Trigger::Timer, hops: 1 }
+        );
+        let chained = parse_origin(&plugin_origin("a", Trigger::PluginSend, 2, "sent:k"));
+        assert_eq!((chained.trigger, chained.hops), (Trigger::PluginSend, 2));
+        // A mangled hop count reads as too deep, so it can never unlock more sends.
+        assert_eq!(parse_origin("plugin:timer:x:a:c").hops, u8::MAX);
+        assert_ne!(plugin_key("a", "c", "n:0"), plugin_key("a", "c", "n:1"));
+        assert_ne!(plugin_key("a", "c", "n:0"), plugin_key("b", "c", "n:0"));
     }
 
     #[test]

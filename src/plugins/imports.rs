@@ -417,3 +417,37 @@ fn describe(err: &reqwest::Error) -> http::HttpError {
     }
     http::HttpError::Failed(truncate(&format!("{err:#}"), 512).to_owned())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::host_allowed;
+
+    fn allowed(url: &str, granted: &[&str]) -> Result<(), String> {
+        let granted: Vec<String> = granted.iter().map(|g| (*g).to_string()).collect();
+        host_allowed(&reqwest::Url::parse(url).expect("url"), &granted)
+    }
+
+    #[test]
+    fn only_granted_hosts_and_ports_pass() {
+        assert!(allowed("https://api.example.com/v1/chat", &["api.example.com"]).is_ok());
+        assert!(allowed("https://API.Example.com/", &["api.example.com"]).is_ok());
+        assert!(allowed("http://127.0.0.1:8080/x", &["127.0.0.1"]).is_ok());
+        assert!(allowed("http://127.0.0.1:8080/x", &["127.0.0.1:8080"]).is_ok());
+        assert!(allowed("http://127.0.0.1:8081/x", &["127.0.0.1:8080"]).is_err());
+        assert!(allowed("https://api.example.com/", &["api.example.com:443"]).is_ok());
+        assert!(allowed("http://[::1]:9/", &["[::1]:9"]).is_ok());
+        assert!(allowed("http://[::1]:9/", &["::1"]).is_ok());
+    }
+
+    #[test]
+    fn lookalikes_and_other_schemes_are_refused() {
+        let grant = ["api.example.com"];
+        assert!(allowed("https://api.example.com.evil.test/", &grant).is_err());
+        assert!(allowed("https://evil.test/?u=https://api.example.com/", &grant).is_err());
+        assert!(allowed("https://api.example.com@evil.test/", &grant).is_err());
+        assert!(allowed("ftp://api.example.com/", &grant).is_err());
+        assert!(allowed("file:///etc/passwd", &grant).is_err());
+        let err = allowed("https://other.test:8443/", &grant).expect_err("not granted");
+        assert_eq!(err, "other.test:8443");
+    }
+}

@@ -225,3 +225,72 @@ async fn recent_replies_are_counted_by_conversation_and_by_sender() {
     assert_eq!(store.recent_replies("conv_1", "alice", 150).await.expect("count"), (0, 1));
     assert_eq!(store.recent_replies("conv_2", "bob", 0).await.expect("count"), (0, 0));
 }
+
+#[tokio::test]
+async fn plugin_kv_is_namespaced_quota_checked_and_expires() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = Store::open(dir.path()).expect("open");
+    let put = |plugin: &'static str, key: &'static str, value: &[u8], expected, ttl, quota| {
+        let (store, value) = (store.clone(), value.to_vec());
+        async move { store.kv_put(plugin, key, value, expected, ttl, quota, 1_000).await }
+    };
+    assert_eq!(put("a", "k", b"one", None, None, 100).await.expect("put"), KvWrite::Stored);
+    assert_eq!(store.kv_get("a", "k", 1_000).await.expect("get"), Some(b"one".to_vec()));
+    assert_eq!(store.kv_get("b", "k", 1_000).await.expect("get"), None, "other plugin");
+
+    // Quota counts key and value bytes of the plugin's live entries; a refused write changes
+    // nothing.
+    assert_eq!(put("a", "big", &[0; 95], None, None, 100).await.expect("put"), KvWrite::OverQuota);
+    assert_eq!(store.kv_get("a", "big", 1_000).await.expect("get"), None);
+    // Overwriting a key does not count its old value.
+    assert_eq!(put("a", "k", &[1; 90], None, None, 100).await.expect("put"), KvWrite::Stored);
+
+    // Compare-and-set.
+    let swap = put("a", "n", b"1", Some(None), None, 1_000).await.expect("swap");
+    assert_eq!(swap, KvWrite::Stored);
+    let stale = put("a", "n", b"2", Some(None), None, 1_000).await.expect("swap");
+    assert_eq!(stale, KvWrite::Mismatch, "the key exists now");
+    let fresh = put("a", "n", b"2", Some(Some(b"1".to_vec())), None, 1_000).await.expect("swap");
+    assert_eq!(fresh, KvWrite::Stored);
+
+    // Expiry: gone at its time, and its bytes no longer count.
+    assert_eq!(put("b", "t", b"x", None, Some(1_500), 10).await.expect("put"), KvWrite::Stored);
+    assert_eq!(store.kv_get("b", "t", 1_499).await.expect("get"), Some(b"x".to_vec()));
+    assert_eq!(store.kv_get("b", "t", 1_500).await.expect("get"), None);
+    let later = store.kv_put("b", "u", vec![0; 8], None, None, 10, 2_000).await.expect("put");
+    assert_eq!(later, KvWrite::Stored, "the expired entry was purged before the quota check");
+
+    // Prefixes are literal, even with LIKE wildcards in them.
+    for key in ["p%1", "p_2", "px3", "q"] {
+        put("c", key, b"v", None, None, 1_000).await.expect("put");
+    }
+    assert_eq!(store.kv_keys("c", "p%", 10, 1_000).await.expect("keys"), ["p%1"]);
+    assert_eq!(store.kv_keys("c", "p", 2, 1_000).await.expect("keys"), ["p%1", "p_2"]);
+    store.kv_delete("c", "q").await.expect("delete");
+    assert_eq!(store.kv_keys("c", "q", 10, 1_000).await.expect("keys").len(), 0);
+}
+
+#[tokio::test]
+async fn a_version_1_file_is_migrated_keeping_its_queue() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    {
+        let conn = Connection::open(dir.path().join("state.sqlite3")).expect("open");
+        conn.execute_batch(&format!("{SCHEMA_V1} PRAGMA user_version = 1;")).expect("v1");
+        conn.execute(
+            "INSERT INTO outbox (client_msg_id, lane, request_json, origin, state,
+             next_attempt_ms, created_ms, updated_ms) VALUES ('k', 'l', '{}', 'o', 'pending',
+             0, 0, 0)",
+            [],
+        )
+        .expect("row");
+    }
+    let store = Store::open(dir.path()).expect("migrate");
+    let due = store.due_sends(1, 10).await.expect("due");
+    assert_eq!(due.len(), 1);
+    assert!(!due[0].vetted, "sends queued before the upgrade still go through the guards");
+    store.mark_vetted(due[0].id, "{\"x\":1}".into(), 2).await.expect("vet");
+    let due = store.due_sends(3, 10).await.expect("due");
+    assert!(due[0].vetted && due[0].request_json == "{\"x\":1}");
+    let put = store.kv_put("p", "k", b"v".to_vec(), None, None, 100, 1).await.expect("kv");
+    assert_eq!(put, KvWrite::Stored);
+}

@@ -2,6 +2,8 @@
 
 use std::process::Command;
 
+use crate::support::{echo_plugin_path, repo_root};
+
 fn agentchatd() -> Command {
     Command::new(env!("CARGO_BIN_EXE_agentchatd"))
 }
@@ -29,17 +31,39 @@ fn check_config_accepts_the_shipped_example_when_its_key_exists() {
     let path = dir.path().join("agentchatd.toml");
     std::fs::write(&path, example).expect("write");
     std::fs::create_dir_all(dir.path().join("state")).expect("mkdir");
+    // check-config loads the plugin as the daemon would: manifest, exports, config schema.
+    let manifest_dir = dir.path().join("plugins/echo");
+    std::fs::create_dir_all(&manifest_dir).expect("mkdir");
+    std::fs::copy(
+        repo_root().join("plugins/echo/agentchat-plugin.toml"),
+        manifest_dir.join("agentchat-plugin.toml"),
+    )
+    .expect("copy manifest");
     let out = agentchatd().args(["check-config", "--config"]).arg(&path).output().expect("runs");
     assert_eq!(out.status.code(), Some(78), "no key file yet");
     assert!(String::from_utf8_lossy(&out.stderr).contains("api-key"));
 
     std::fs::write(dir.path().join("state/api-key"), "ac_example\n").expect("key");
-    // Only the file's presence is checked here; the plugin itself is tested elsewhere.
     let plugin = dir.path().join("plugins/target/wasm32-wasip2/release/echo.wasm");
     std::fs::create_dir_all(plugin.parent().expect("parent")).expect("mkdir");
     std::fs::write(&plugin, b"").expect("plugin placeholder");
     let out = agentchatd().args(["check-config", "--config"]).arg(&path).output().expect("runs");
+    assert_eq!(out.status.code(), Some(78), "an empty file is not a component");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("not a valid WebAssembly component"));
+
+    std::fs::copy(echo_plugin_path(), &plugin).expect("copy the built plugin");
+    let out = agentchatd().args(["check-config", "--config"]).arg(&path).output().expect("runs");
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+
+    // A capability the manifest asks for and the entry does not grant is named.
+    let manifest = std::fs::read_to_string(manifest_dir.join("agentchat-plugin.toml"))
+        .expect("manifest")
+        .replace("[limits]", "[capabilities]\nkv = true\n\n[limits]");
+    std::fs::write(manifest_dir.join("agentchat-plugin.toml"), manifest).expect("write");
+    let out = agentchatd().args(["check-config", "--config"]).arg(&path).output().expect("runs");
+    assert_eq!(out.status.code(), Some(78));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("not granted") && stderr.contains("kv"), "{stderr}");
 }
 
 #[test]
