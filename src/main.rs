@@ -41,7 +41,14 @@ enum Command {
         #[arg(long, short, default_value = "agentchatd.toml")]
         config: PathBuf,
     },
-    /// Summarise the daemon's state: queue, holds, cold-outreach slots, cursor.
+    /// Ask the running daemon to reload its config and plugins (sends it SIGHUP). A config
+    /// that does not load is refused by the daemon, which keeps the running one.
+    Reload {
+        /// Path of agentchatd.toml.
+        #[arg(long, short, default_value = "agentchatd.toml")]
+        config: PathBuf,
+    },
+    /// Summarise the daemon's state: queue, holds, cold-outreach slots, cursor, plugins.
     Status {
         /// Path of agentchatd.toml.
         #[arg(long, short, default_value = "agentchatd.toml")]
@@ -140,6 +147,7 @@ fn main() -> ExitCode {
         }
         Command::Demo(args) => run_tool(|shutdown| agentchatd::demo::run(args, shutdown)),
         Command::Plugin { action } => plugin_command(action),
+        Command::Reload { config } => reload_daemon(&config),
         Command::Status { config } => {
             admin_command(&config, |c| async move { Ok((true, admin::status(&c).await?)) })
         }
@@ -236,6 +244,29 @@ where
         Ok((done, text)) => {
             print!("{text}");
             if done { ExitCode::SUCCESS } else { ExitCode::FAILURE }
+        }
+        Err(err) => {
+            eprintln!("agentchatd: {err}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn reload_daemon(path: &std::path::Path) -> ExitCode {
+    let config = match config::load(path) {
+        Ok(config) => config,
+        Err(err) => {
+            eprintln!("agentchatd: {err}; the daemon would refuse it too, so nothing was sent");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    match agentchatd::ops::lock::signal_reload(&config.state_dir) {
+        Ok(pid) => {
+            println!(
+                "asked agentchatd (pid {pid}) to reload; its log and `agentchatd status` show \
+                 the outcome"
+            );
+            ExitCode::SUCCESS
         }
         Err(err) => {
             eprintln!("agentchatd: {err}");

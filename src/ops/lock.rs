@@ -136,6 +136,56 @@ impl InstanceLock {
     }
 }
 
+/// Why `agentchatd reload` could not ask the daemon to reload.
+#[derive(Debug, thiserror::Error)]
+pub enum SignalError {
+    /// Nobody holds the lock: no daemon runs on this state directory.
+    #[error("no agentchatd is running on {0} (its instance lock is free); nothing to reload")]
+    NotRunning(PathBuf),
+    /// The lock is held but the holder's pid cannot be read.
+    #[error("{0} is held but names no pid; reload with `systemctl reload agentchatd` instead")]
+    Unknown(PathBuf),
+    /// The signal could not be sent.
+    #[error(
+        "cannot signal agentchatd (pid {pid}): {source}; run as the daemon's user, or use \
+         `systemctl reload agentchatd`"
+    )]
+    Send {
+        /// The holder.
+        pid: u32,
+        /// The OS error.
+        source: io::Error,
+    },
+    /// The lock could not be inspected.
+    #[error(transparent)]
+    Lock(#[from] LockError),
+}
+
+/// Sends SIGHUP to the daemon holding the lock of `state_dir`, which reloads its config and
+/// plugins. Returns the pid signalled.
+///
+/// # Errors
+/// A [`SignalError`] saying why no signal was sent.
+pub fn signal_reload(state_dir: &Path) -> Result<u32, SignalError> {
+    let path = state_dir.join(LOCK_FILE_NAME);
+    if !path.exists() {
+        return Err(SignalError::NotRunning(path));
+    }
+    let holder = match InstanceLock::acquire(state_dir) {
+        Ok(_free) => return Err(SignalError::NotRunning(path)),
+        Err(LockError::Held { holder, .. }) => holder,
+        Err(other) => return Err(other.into()),
+    };
+    let pid = holder.map(|h| h.pid).ok_or_else(|| SignalError::Unknown(path.clone()))?;
+    let target = i32::try_from(pid)
+        .ok()
+        .and_then(rustix::process::Pid::from_raw)
+        .ok_or_else(|| SignalError::Unknown(path.clone()))?;
+    rustix::process::kill_process(target, rustix::process::Signal::HUP)
+        .map_err(|err| SignalError::Send { pid, source: err.into() })?;
+    Ok(pid)
+}
+
 /// Reads who holds the lock; `None` when the file is empty or unreadable (a holder that has
 /// just taken the lock may not have written yet).
 fn read_holder(file: &File) -> Option<Holder> {

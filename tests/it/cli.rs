@@ -111,7 +111,7 @@ fn an_api_base_with_the_version_path_is_refused() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sighup_refuses_a_broken_config_and_sigterm_stops_the_process_cleanly() {
+async fn reload_swaps_plugins_sighup_refuses_a_broken_config_and_sigterm_stops_cleanly() {
     use tokio::io::AsyncBufReadExt;
 
     let world = crate::harness::World::start().await;
@@ -149,7 +149,38 @@ async fn sighup_refuses_a_broken_config_and_sigterm_stops_the_process_cleanly() 
     };
 
     let conversation = world.open_thread().await;
+
+    // `agentchatd status` shows the plugins the running daemon reports.
+    let mut status = String::new();
+    for _ in 0..100 {
+        let out = agentchatd().args(["status", "--config"]).arg(&path).output().expect("runs");
+        status = String::from_utf8_lossy(&out.stdout).into_owned();
+        if status.contains("echo: active") {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert!(status.contains("echo: active; hooks inbound"), "{status}");
+
+    // `agentchatd reload` swaps the plugin set: the new config takes effect for new messages.
+    let good = std::fs::read_to_string(&path).expect("config");
+    std::fs::write(&path, format!("{good}config = {{ prefix = \"re: \" }}\n")).expect("config");
+    let out = agentchatd().args(["reload", "--config"]).arg(&path).output().expect("runs");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stdout).contains(&format!("pid {pid}")));
+    for _ in 0..400 {
+        if log.lock().expect("lock").contains("configuration reloaded") {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(25)).await;
+    }
+    world.peer_says("after-reload", "new prefix?").await;
+    let replies = world.wait_for_replies(&conversation, 2).await;
+    assert_eq!(replies[1].content.text.as_deref(), Some("re: new prefix?"));
+
     std::fs::write(&path, "[agent]\napi_base = 42\n").expect("broken config");
+    let out = agentchatd().args(["reload", "--config"]).arg(&path).output().expect("runs");
+    assert_eq!(out.status.code(), Some(78), "the CLI refuses a broken config before signalling");
     let hup = std::process::Command::new("kill").args(["-HUP", &pid]).status().expect("kill");
     assert!(hup.success());
     for _ in 0..400 {
@@ -160,8 +191,8 @@ async fn sighup_refuses_a_broken_config_and_sigterm_stops_the_process_cleanly() 
     }
     assert!(log.lock().expect("lock").contains("reload refused"), "{}", log.lock().expect("lock"));
     world.peer_says("after-hup", "still answering?").await;
-    let replies = world.wait_for_replies(&conversation, 2).await;
-    assert_eq!(replies[1].content.text.as_deref(), Some("echo: still answering?"));
+    let replies = world.wait_for_replies(&conversation, 3).await;
+    assert_eq!(replies[2].content.text.as_deref(), Some("re: still answering?"));
 
     let term = std::process::Command::new("kill").args(["-TERM", &pid]).status().expect("kill");
     assert!(term.success());
