@@ -1,16 +1,27 @@
-//! The WASM plugin host: loads reply plugins (WebAssembly components of the
-//! `agentchat:plugin/replier@0.1.0` world, see `plugins/wit`) and asks them, in order, what to do
-//! with each inbound message.
+//! The WASM plugin host: loads plugins (WebAssembly components of the `agentchat:plugin@0.1.0`
+//! API, see `plugins/wit`) and calls their hooks: `lifecycle` (start, stop), `inbound` (a
+//! decision per message), `outbound` (before-send, after-send, send-failed) and `timer`.
 //!
 //! # What a call looks like
 //!
-//! [`PluginHost::load`] compiles every plugin once (or loads it from the on-disk cache) and
-//! links it against the host imports: `log`, `config` and WASI p2 with an empty context (no
-//! files, environment, arguments or network; stdout and stderr go to the log at debug).
-//! [`PluginHost::on_message`] then runs the plugins in the order given. Each call gets a fresh
-//! store with the plugin's memory limit and an epoch deadline equal to its time budget, so a
-//! call can never see state left by an earlier one. Plugins are asked one after another; a
-//! `Claim` or `Drop` stops the chain, `Pass` and `Reply` go on to the next plugin.
+//! [`PluginHost::load_with`] compiles every plugin once (or loads it from the on-disk cache) and
+//! links it against the host imports: `log`, `config`, `kv`, `messaging`, `history`, `http`
+//! ([`imports`]) and WASI p2 with an empty context (no files, environment, arguments or
+//! sockets; stdout and stderr go to the log at debug). Each hook call gets a fresh store with
+//! the plugin's memory limit and an epoch deadline equal to its time budget, so a call can
+//! never see state left by an earlier one. [`PluginHost::on_message`] asks the plugins one
+//! after another; a `Claim` or `Drop` stops the chain, `Pass` and `Reply` go on to the next.
+//! [`PluginHost::before_send`] runs the guards in the same order, each seeing the latest
+//! rewrite. Only the hooks a plugin's manifest lists are called (without a manifest: `inbound`).
+//!
+//! # Where the daemon comes in
+//!
+//! The host queues nothing itself except through `messaging`: inbound decisions are returned
+//! to the inbox, which records them with the message; `before-send` verdicts go back to the
+//! outbox, the one place every send passes; proactive sends are written to the same queue
+//! with an origin and hop count ([`Origin`]) that stop plugins from feeding each other.
+//! [`PluginSet`] is what the inbox, the outbox, the timers and the reloader share, so a
+//! reload is one swap.
 //!
 //! # The failure rule
 //!
@@ -46,11 +57,6 @@
 //! and loading precompiled code is unsafe, so the cache stays inside wasmtime; the host only
 //! creates the directory with mode 0700, since whoever can write there can run code in the
 //! daemon.
-//!
-//! # What this module does not do
-//!
-//! It sends nothing and stores nothing: drafts are returned to the caller, who queues them.
-//! It does not reload plugins while running.
 //!
 //! # Manifests
 //!
