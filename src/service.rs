@@ -143,17 +143,19 @@ pub async fn run_with(config: Config, controls: Controls) -> Result<(), ServiceE
     let limiter =
         Arc::new(RateLimiter::per_second(config.requests_per_second, config.window_margin));
     let wake = Arc::new(Notify::new());
+    let metrics = Arc::new(Metrics::new());
     let services = HostServices {
         store: Some(store.clone()),
         api: Some(PacedApi { client: client.clone(), limiter: Arc::clone(&limiter) }),
         outbox_wake: Some(Arc::clone(&wake)),
+        metrics: Some(Arc::clone(&metrics)),
     };
     status.set("loading plugins");
     let plugins = Arc::new(load_plugins(&config, &services).await?);
     tracing::info!(plugins = ?plugins.plugin_ids(), state = %store.path().display(), "loaded");
 
     let telemetry = OpsState {
-        metrics: Arc::new(Metrics::new()),
+        metrics,
         heartbeat: Heartbeat::new(config.stall_limit),
         readiness: Readiness::new(["plugins", INBOX_LOOP]),
     };

@@ -225,6 +225,8 @@ pub struct HostServices {
     pub api: Option<PacedApi>,
     /// Woken when a plugin queues a send.
     pub outbox_wake: Option<Arc<Notify>>,
+    /// Where every hook call is counted (`plugin_calls_total`, `plugin_call_seconds`).
+    pub metrics: Option<Arc<crate::ops::metrics::Metrics>>,
 }
 
 /// The daemon's API client together with its pacing, so plugin reads share the request budget.
@@ -733,13 +735,20 @@ impl PluginHost {
             Err(remaining) => {
                 let remaining_ms = u64::try_from(remaining.as_millis()).unwrap_or(u64::MAX);
                 tracing::debug!(plugin = %plugin.id, subject, remaining_ms, "plugin skipped");
+                if let Some(metrics) = &plugin.services.metrics {
+                    metrics.record_plugin_call(&plugin.id, "suspended", Duration::ZERO);
+                }
                 return Err(CallError::Suspended { remaining });
             }
             Ok(Some(Transition::Resumed)) => tracing::info!(plugin = %plugin.id, "plugin resumed"),
             Ok(_) => {}
         }
 
+        let started = Instant::now();
         let result = self.spawn_call(plugin, hook, scope, subject).await;
+        if let Some(metrics) = &plugin.services.metrics {
+            metrics.record_plugin_call(&plugin.id, outcome_label(&result), started.elapsed());
+        }
         if result.as_ref().is_err_and(CallError::counts_as_failure) {
             let tripped = plugin.lock_breaker().record_failure(tokio::time::Instant::now());
             if let Some(Transition::Suspended { failures }) = tripped {
@@ -787,6 +796,19 @@ impl PluginHost {
             span.in_scope(|| tracing::warn!(error = %err, "plugin call failed, counted as pass"));
             Err(err)
         })
+    }
+}
+
+/// The bounded `outcome` label of `plugin_calls_total`.
+fn outcome_label(result: &Result<HookReturn, CallError>) -> &'static str {
+    match result {
+        Ok(_) => "ok",
+        Err(CallError::Trap(_)) => "trap",
+        Err(CallError::Timeout { .. }) => "timeout",
+        Err(CallError::MemoryLimit) => "memory_limit",
+        Err(CallError::BadOutput(_)) => "bad_output",
+        Err(CallError::PluginError(_)) => "plugin_error",
+        Err(CallError::Suspended { .. }) => "suspended",
     }
 }
 

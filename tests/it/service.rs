@@ -231,6 +231,9 @@ async fn metrics_and_health_endpoints_report_the_running_daemon() {
     assert!(metrics.contains("agentchatd_sends_total{result=\"sent\"} 2"), "{metrics}");
     assert!(metrics.contains("agentchatd_connected 1"), "{metrics}");
     assert!(metrics.contains("agentchatd_rate_limited_total 0"), "{metrics}");
+    let calls = "agentchatd_plugin_calls_total{plugin=\"echo\",outcome=\"ok\"} 2";
+    assert!(metrics.contains(calls), "{metrics}");
+    assert!(metrics.contains("agentchatd_plugin_call_seconds_count{plugin=\"echo\"} 2"));
     let ready = http.get(format!("{base}/readyz")).send().await.expect("readyz");
     assert_eq!(ready.status(), 200);
     let health = http.get(format!("{base}/healthz")).send().await.expect("healthz");
