@@ -144,7 +144,14 @@ fn integer(
     let Some(value) = map.get(key).filter(|v| !v.is_null()) else {
         return Ok(None);
     };
-    match value.as_u64().and_then(|n| u32::try_from(n).ok()) {
+    // The host's schema takes 30000.0 for an integer, so the plugin does too.
+    let whole = value.as_u64().or_else(|| {
+        value
+            .as_f64()
+            .filter(|n| n.fract() == 0.0 && (0.0..=f64::from(u32::MAX)).contains(n))
+            .map(|n| n as u64)
+    });
+    match whole.and_then(|n| u32::try_from(n).ok()) {
         Some(n) if (min..=max).contains(&n) => Ok(Some(n)),
         _ => Err(PluginError::BadInput(format!(
             "config: `{key}` must be an integer from {min} to {max}"
