@@ -911,6 +911,7 @@ impl Ctx<'_> {
                 .iter()
                 .map(|h| h.trim().to_owned())
                 .collect(),
+            ..crate::plugins::Capabilities::default()
         };
         Ok(grants)
     }

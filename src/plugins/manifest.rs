@@ -75,14 +75,20 @@ pub struct Capabilities {
     /// Reading conversation history.
     #[serde(default)]
     pub history: bool,
-    /// Hosts outbound HTTP may reach (exact host names).
+    /// Hosts outbound HTTP may reach: `host` (any port) or `host:port`.
     #[serde(default)]
     pub http_allowed_hosts: Vec<String>,
+    /// In a manifest: the plugin makes HTTP requests to hosts the operator picks (a model
+    /// server, a webhook), so no host can be named in advance. Satisfied by a grant of at least
+    /// one host in `http_allowed_hosts`; what the plugin may reach is still exactly that list.
+    /// Not consulted in a grant.
+    #[serde(default)]
+    pub http: bool,
 }
 
 impl Capabilities {
-    /// Names of what `self` asks for and `granted` does not give, such as `send` or
-    /// `http-allowed-hosts: api.example.com`.
+    /// Names of what `self` asks for and `granted` does not give, such as `send`,
+    /// `http-allowed-hosts: api.example.com` or `http-allowed-hosts: at least one host`.
     pub fn missing_from(&self, granted: &Capabilities) -> Vec<String> {
         let mut missing = Vec::new();
         for (name, wanted, given) in [
@@ -99,6 +105,9 @@ impl Capabilities {
             if !granted.http_allowed_hosts.iter().any(|g| g.eq_ignore_ascii_case(host)) {
                 missing.push(format!("http-allowed-hosts: {host}"));
             }
+        }
+        if self.http && granted.http_allowed_hosts.is_empty() {
+            missing.push("http-allowed-hosts: at least one host".to_string());
         }
         missing
     }

@@ -251,6 +251,19 @@ fn capabilities_not_granted_are_named() {
     assert!(manifest.capabilities.missing_from(&all).is_empty());
 }
 
+#[test]
+fn http_without_a_named_host_needs_any_granted_host() {
+    let text = MANIFEST.replace(r#"http-allowed-hosts = ["api.example.com"]"#, "http = true");
+    let manifest = parse_manifest(&text).expect("valid manifest");
+    let granted = Capabilities { send: true, ..Capabilities::default() };
+    assert_eq!(
+        manifest.capabilities.missing_from(&granted),
+        ["http-allowed-hosts: at least one host"]
+    );
+    let some_host = Capabilities { http_allowed_hosts: vec!["127.0.0.1:8080".into()], ..granted };
+    assert!(manifest.capabilities.missing_from(&some_host).is_empty());
+}
+
 // === breaker ===
 
 fn breaker_settings() -> BreakerSettings {

@@ -3,8 +3,10 @@
 
 mod bad_server;
 mod cli;
+mod completions;
 mod e2e;
 mod harness;
+mod llm;
 mod ops;
 mod outbox;
 mod plugins;
