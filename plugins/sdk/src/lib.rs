@@ -264,8 +264,8 @@ pub mod log {
 /// reloads. Needs the `kv` capability. Keys are at most 256 bytes, values at most 64 KiB, and
 /// the operator sets the plugin's total quota.
 pub mod kv {
-    pub use super::bindings::agentchat::plugin::kv::KvError;
     use super::bindings::agentchat::plugin::kv as host;
+    pub use super::bindings::agentchat::plugin::kv::KvError;
 
     /// The value at `key`, if any (expired entries read as absent).
     pub fn get(key: &str) -> Result<Option<Vec<u8>>, KvError> {
@@ -320,9 +320,9 @@ pub mod kv {
 /// Proactive sends through the daemon's queue, with the same pacing, thread rules and
 /// outbound hooks as replies. Needs the `send` capability.
 pub mod messaging {
-    pub use super::bindings::agentchat::plugin::messaging::SendRefusal;
-    use super::bindings::agentchat::plugin::messaging as host;
     use super::NewMessage;
+    use super::bindings::agentchat::plugin::messaging as host;
+    pub use super::bindings::agentchat::plugin::messaging::SendRefusal;
 
     /// Queues `msg`; returns its idempotency key.
     pub fn send(msg: &NewMessage) -> Result<String, SendRefusal> {
@@ -343,9 +343,9 @@ pub mod messaging {
 
 /// Conversation history, read through the daemon's paced client. Needs `history`.
 pub mod history {
-    pub use super::bindings::agentchat::plugin::history::HistoryError;
     use super::HistoryMessage;
     use super::bindings::agentchat::plugin::history as host;
+    pub use super::bindings::agentchat::plugin::history::HistoryError;
 
     /// Up to `limit` (1-200) newest messages of the conversation, oldest first.
     pub fn recent(conversation_id: &str, limit: u32) -> Result<Vec<HistoryMessage>, HistoryError> {
@@ -355,8 +355,8 @@ pub mod history {
 
 /// Outbound HTTP to the hosts the operator granted (`http-allowed-hosts`).
 pub mod http {
-    pub use super::bindings::agentchat::plugin::http::{HttpError, Request, Response};
     use super::bindings::agentchat::plugin::http as host;
+    pub use super::bindings::agentchat::plugin::http::{HttpError, Request, Response};
 
     /// Sends `req`; the host follows redirects to granted hosts only.
     pub fn fetch(req: &Request) -> Result<Response, HttpError> {
