@@ -5,6 +5,7 @@ mod bad_server;
 mod cli;
 mod e2e;
 mod harness;
+mod hooks;
 mod ops;
 mod outbox;
 mod plugins;
