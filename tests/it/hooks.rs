@@ -160,6 +160,34 @@ async fn a_trapping_guard_cancels_when_it_fails_closed_and_is_skipped_when_open(
 }
 
 #[tokio::test]
+async fn a_closed_guard_that_failed_to_start_cancels_every_send() {
+    let failing = |policy| {
+        let mut setup = setup("probe", "probe", json!({"fail-start": true}))
+            .with_grants(grant(false, true, false))
+            .with_failure_policy(policy);
+        let manifest = setup.manifest.as_mut().expect("manifest");
+        manifest.hooks = vec!["lifecycle".to_string(), "outbound".to_string()];
+        setup
+    };
+
+    let host = load(vec![failing(FailurePolicy::Closed)], HostServices::default()).await;
+    assert_eq!(host.start(AGENT, StartReason::Boot).await, ["probe"]);
+    assert!(host.guards_sends(), "the outbox must still ask");
+    match host.before_send(&outbound("anything"), &operator()).await {
+        SendVerdict::Cancel { plugin_id, reason } => {
+            assert_eq!(plugin_id, "probe");
+            assert!(reason.contains("start failed") && reason.contains("fails closed"), "{reason}");
+        }
+        other => panic!("a closed guard that is not running must cancel, got {other:?}"),
+    }
+
+    let host = load(vec![failing(FailurePolicy::Open)], HostServices::default()).await;
+    assert_eq!(host.start(AGENT, StartReason::Boot).await, ["probe"]);
+    assert!(!host.guards_sends(), "an open guard that is not running is skipped");
+    assert_eq!(host.before_send(&outbound("anything"), &operator()).await, SendVerdict::Keep);
+}
+
+#[tokio::test]
 async fn digest_without_a_notify_handle_fails_to_start_and_is_never_called() {
     let dir = tempfile::tempdir().expect("temp dir");
     let store = Store::open(dir.path()).expect("store");
