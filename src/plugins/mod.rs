@@ -528,19 +528,36 @@ impl PluginHost {
         verdicts
     }
 
-    /// Whether any plugin takes `before-send`, so the outbox can skip the bookkeeping.
+    /// Whether any plugin takes `before-send`, so the outbox can skip the bookkeeping. A guard
+    /// that failed to start but fails closed still counts: it cancels every send.
     pub fn guards_sends(&self) -> bool {
-        self.listening("outbound").next().is_some()
+        self.closed_or_listening("outbound").next().is_some()
+    }
+
+    /// Plugins that take `hook` and have not failed to start, plus those that failed but fail
+    /// closed: a guard that must never be skipped may not be skipped because it failed early.
+    fn closed_or_listening<'a>(
+        &'a self,
+        hook: &'a str,
+    ) -> impl Iterator<Item = &'a Arc<CallTarget>> + 'a {
+        self.plugins.iter().filter(move |p| {
+            p.listens(hook) && (p.failure().is_none() || p.failure_policy == FailurePolicy::Closed)
+        })
     }
 
     /// Runs the `before-send` chain on `msg`: plugins in order, each seeing the latest
     /// rewrite, a cancel ending the chain. A failed call keeps the message as it stands,
-    /// unless the plugin's failure policy is [`FailurePolicy::Closed`], which cancels it.
+    /// unless the plugin's failure policy is [`FailurePolicy::Closed`], which cancels it; such
+    /// a plugin whose `start` failed cancels every message without being called.
     pub async fn before_send(&self, msg: &OutboundMessage, origin: &Origin) -> SendVerdict {
         let mut current = msg.clone();
         let mut rewriters: Vec<String> = Vec::new();
         let wit_origin = bindings::to_wit_origin(origin);
-        for plugin in self.listening("outbound") {
+        for plugin in self.closed_or_listening("outbound") {
+            if let Some(failure) = plugin.failure() {
+                let reason = format!("it is not running ({failure}) and fails closed");
+                return SendVerdict::Cancel { plugin_id: plugin.id.to_string(), reason };
+            }
             let hook =
                 Arc::new(Hook::BeforeSend(bindings::to_wit_outbound(&current), wit_origin.clone()));
             match self.call(plugin, &hook, SendScope::closed(), &msg.key).await {

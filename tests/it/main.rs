@@ -6,6 +6,7 @@ mod cli;
 mod completions;
 mod e2e;
 mod harness;
+mod hooks;
 mod llm;
 mod ops;
 mod outbox;

@@ -6,6 +6,13 @@
 //! (a UTC window, judged by when the daemon received the message) the plugin passes on
 //! everything. Non-text messages and texts no rule matches are passed on.
 //!
+//! With `per-peer-budget = { replies = N, window-secs = S }` a sender gets at most N rule
+//! replies per window; past it the plugin passes. The count lives in kv (`budget:<sender>`),
+//! so it holds across calls, restarts and reloads, and it needs the `kv` grant. A counter
+//! expires S seconds after the last reply it counted, so a sender never gets more than N rule
+//! replies within any S seconds. Without the grant, or with the store down, the plugin reports
+//! `unavailable` (the host logs it and counts it as a pass) rather than reply uncounted.
+//!
 //! A bad rule (neither or both matchers, a regex that does not compile, a malformed time) is
 //! reported as `bad-input` naming the rule, so the operator sees it in the daemon's log.
 
@@ -21,6 +28,14 @@ const MAX_REGEX_BYTES: usize = 1 << 20;
 struct Config {
     rules: Vec<Rule>,
     quiet_hours: Option<QuietHours>,
+    per_peer_budget: Option<Budget>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+struct Budget {
+    replies: u64,
+    window_secs: u64,
 }
 
 #[derive(Deserialize)]
@@ -59,6 +74,12 @@ impl Plugin for Rules {
         for (idx, rule) in config.rules.iter().enumerate() {
             if rule_matches(rule, text).map_err(|why| bad_rule(idx, &why))? {
                 let index = idx.to_string();
+                if let Some(budget) = &config.per_peer_budget
+                    && !take_from_budget(budget, &msg.sender)?
+                {
+                    log::debug("reply budget used up", &[("message_id", &msg.id)]);
+                    return Ok(pass());
+                }
                 log::debug("rule matched", &[("message_id", &msg.id), ("rule", &index)]);
                 let reply_text = rule.reply.clone();
                 return Ok(if rule.claim { claim(reply_text) } else { reply(reply_text) });
@@ -66,6 +87,34 @@ impl Plugin for Rules {
         }
         Ok(pass())
     }
+}
+
+/// Counts one reply to `sender` against the budget; false when the budget is used up (and
+/// nothing was counted).
+fn take_from_budget(budget: &Budget, sender: &str) -> Result<bool, PluginError> {
+    let key = format!("budget:{sender}");
+    let ttl_ms = budget.window_secs.saturating_mul(1000);
+    let failed = |err: kv::KvError| {
+        PluginError::Unavailable(format!("per-peer-budget needs kv (grant it): {err:?}"))
+    };
+    // Compare-and-set, so two messages of one sender handled at once cannot both take the
+    // last reply; a handful of attempts is plenty for one sender's traffic.
+    for _ in 0..8 {
+        let current = kv::get(&key).map_err(failed)?;
+        let used: u64 = current
+            .as_deref()
+            .and_then(|b| std::str::from_utf8(b).ok())
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(0);
+        if used >= budget.replies {
+            return Ok(false);
+        }
+        let next = (used + 1).to_string();
+        if kv::swap_if(&key, current.as_deref(), next.as_bytes(), Some(ttl_ms)).map_err(failed)? {
+            return Ok(true);
+        }
+    }
+    Err(PluginError::Unavailable("the reply budget kept changing; try again".to_string()))
 }
 
 fn bad_rule(idx: usize, why: &str) -> PluginError {
