@@ -1,10 +1,12 @@
 //! A fault-injecting HTTP proxy in front of the local server: it forwards every request, and
 //! can answer chosen sends itself (503, 429 with a Retry-After) or forward a send and then
-//! never answer, as a crash in mid-send looks to the daemon. It logs every send it saw.
+//! never answer, as a crash in mid-send looks to the daemon. It logs every send it saw. On cue
+//! it also holds sync requests unanswered, as a server that accepted them and went silent.
 
 #![allow(dead_code)] // Each test module uses a different subset.
 
 use std::collections::VecDeque;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use axum::Router;
@@ -12,7 +14,7 @@ use axum::body::{Body, Bytes};
 use axum::extract::State;
 use axum::http::{HeaderMap, Method, StatusCode, Uri};
 use axum::response::Response;
-use tokio::sync::Notify;
+use tokio::sync::{Notify, watch};
 
 /// What the proxy does with the next send.
 #[derive(Debug, Clone)]
@@ -39,6 +41,10 @@ struct ProxyState {
     faults: Mutex<VecDeque<Fault>>,
     sends: Mutex<Vec<SeenSend>>,
     forwarded: Notify,
+    /// While true, `GET /v1/messages/sync` requests wait unanswered.
+    hold_syncs: watch::Sender<bool>,
+    /// Sync requests waiting now.
+    held_syncs: AtomicUsize,
 }
 
 pub struct Proxy {
@@ -55,6 +61,8 @@ impl Proxy {
             faults: Mutex::new(faults.into()),
             sends: Mutex::default(),
             forwarded: Notify::new(),
+            hold_syncs: watch::Sender::new(false),
+            held_syncs: AtomicUsize::new(0),
         });
         let app = Router::new().fallback(forward).with_state(Arc::clone(&state));
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
@@ -74,6 +82,21 @@ impl Proxy {
     pub async fn forwarded(&self) {
         self.state.forwarded.notified().await;
     }
+
+    /// From now on, sync requests get no answer until [`Proxy::release_syncs`].
+    pub fn hold_syncs(&self) {
+        self.state.hold_syncs.send_replace(true);
+    }
+
+    /// Forwards the held sync requests and every later one.
+    pub fn release_syncs(&self) {
+        self.state.hold_syncs.send_replace(false);
+    }
+
+    /// How many sync requests are being held now.
+    pub fn held_syncs(&self) -> usize {
+        self.state.held_syncs.load(Ordering::SeqCst)
+    }
 }
 
 impl Drop for Proxy {
@@ -89,6 +112,9 @@ async fn forward(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
+    if method == Method::GET && uri.path() == "/v1/messages/sync" {
+        hold_while_asked(&state).await;
+    }
     let is_send = method == Method::POST && uri.path() == "/v1/messages";
     let fault = if is_send { state.faults.lock().expect("lock").pop_front() } else { None };
     let record = |status: u16| {
@@ -141,6 +167,27 @@ async fn forward(
         response.headers_mut().insert("retry-after", value);
     }
     response
+}
+
+/// Keeps a sync request waiting while the test holds syncs.
+async fn hold_while_asked(state: &ProxyState) {
+    /// Counts a request as held for as long as it waits, even when the client gives up and the
+    /// server drops the handler mid-wait.
+    struct Held<'a>(&'a AtomicUsize);
+    impl Drop for Held<'_> {
+        fn drop(&mut self) {
+            self.0.fetch_sub(1, Ordering::SeqCst);
+        }
+    }
+
+    let mut hold = state.hold_syncs.subscribe();
+    if !*hold.borrow_and_update() {
+        return;
+    }
+    state.held_syncs.fetch_add(1, Ordering::SeqCst);
+    let _held = Held(&state.held_syncs);
+    // The sender lives in the state, so the channel stays open for as long as this waits.
+    let _ = hold.wait_for(|held| !held).await;
 }
 
 fn reply(status: u16, retry_after: Option<String>, body: &'static str) -> Response {

@@ -1,6 +1,7 @@
-//! The daemon as a service: the sd_notify sequence on a real datagram socket, watchdog pings,
-//! the instance lock, reload with a bad and a good config, the metrics and health endpoint,
-//! a graceful stop under load, and operator commands writing beside a busy daemon.
+//! The daemon as a service: the sd_notify sequence on a real datagram socket, watchdog pings
+//! that stop while a loop stalls, the instance lock, reload with a bad and a good config, the
+//! metrics and health endpoint, a graceful stop under load, and operator commands writing
+//! beside a busy daemon.
 
 use std::os::unix::net::UnixDatagram;
 use std::time::Duration;
@@ -13,7 +14,8 @@ use agentchatd::store::Store;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use crate::harness::{Daemon, World, plugin};
+use crate::harness::{Daemon, World, daemon_config, plugin};
+use crate::proxy::Proxy;
 use crate::support::echo_plugin_path;
 
 /// A bound notify socket and what arrived on it.
@@ -280,4 +282,112 @@ async fn operator_commands_writing_beside_a_busy_daemon_do_not_stop_it() {
     world.wait_for_replies(&conversation, 21).await;
     assert!(!daemon.task.is_finished(), "the daemon keeps running");
     daemon.stop().await;
+}
+
+/// How often the daemon pings the watchdog in the stall test.
+const PING_EVERY: Duration = Duration::from_millis(100);
+
+/// Asks the daemon's `/healthz`: its status code and JSON body.
+async fn healthz(http: &reqwest::Client, base: &str) -> (u16, serde_json::Value) {
+    let response = http.get(format!("{base}/healthz")).send().await.expect("healthz answers");
+    let status = response.status().as_u16();
+    (status, response.json().await.expect("a JSON body"))
+}
+
+/// Waits (bounded) until `/healthz` answers `status`; returns the body.
+async fn wait_for_health(http: &reqwest::Client, base: &str, status: u16) -> serde_json::Value {
+    let mut last = (0, serde_json::Value::Null);
+    for _ in 0..300 {
+        last = healthz(http, base).await;
+        if last.0 == status {
+            return last.1;
+        }
+        tokio::time::sleep(PING_EVERY).await;
+    }
+    panic!("waited 30 s for /healthz {status}; last answer {last:?}");
+}
+
+/// The daemon's watchdog pings go to systemd only while its loops are alive: they arrive while
+/// it serves, stop while the inbox stalls (and `/healthz` names the inbox), and resume when it
+/// moves again.
+///
+/// The stall is a real one: the inbox polls through a proxy that, on cue, accepts the sync
+/// request and never answers, as an API endpoint or a load balancer that went silent would.
+/// The poll loop waits on that request (up to the client's 30 s timeout) without beating. The
+/// stall limit is 5 s, the shortest `service.stall_limit_secs` accepts, so a daemon configured
+/// like this in production would be restarted by systemd. Other waits do not serve as well: a
+/// plugin spinning through a time budget longer than the stall limit stalls the loop too, but
+/// burns a core all the while; a write blocked by another connection's lock fails after the
+/// store's 5 s busy timeout, as soon as the shortest stall limit is reached, so the daemon
+/// stops instead of stalling.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watchdog_pings_stop_while_the_inbox_stalls_and_resume_after() {
+    let world = World::start().await;
+    let proxy = Proxy::start(&world.server.base_url(), vec![]).await;
+    let sock = NotifySocket::new();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("bind")
+        .local_addr()
+        .expect("addr")
+        .port();
+    let echo = vec![plugin("echo", echo_plugin_path())];
+    let mut config =
+        daemon_config(&proxy.base, &world.agent_key, world.dir.path(), Transport::Poll, echo);
+    config.ops_listen = Some(format!("127.0.0.1:{port}").parse().expect("addr"));
+    config.stall_limit = Duration::from_secs(5);
+    let running = spawn_with(config, sock.notifier(), None, Some(PING_EVERY));
+    let http = reqwest::Client::builder()
+        .no_proxy()
+        .timeout(Duration::from_secs(10))
+        .build()
+        .expect("client");
+    let base = format!("http://127.0.0.1:{port}");
+
+    // Healthy: the agent answers through the proxy and the pings keep coming.
+    let conversation = world.open_thread().await;
+    let seen = std::sync::Mutex::new(Vec::new());
+    wait_for("watchdog pings while healthy", || {
+        seen.lock().expect("lock").extend(sock.drain());
+        seen.lock().expect("lock").iter().filter(|d| *d == "WATCHDOG=1").count() >= 3
+    })
+    .await;
+    assert_eq!(healthz(&http, &base).await.0, 200);
+
+    // The server goes silent on the next sync; the inbox stalls once its 5 s run out.
+    proxy.hold_syncs();
+    wait_for("a sync request held by the proxy", || proxy.held_syncs() > 0).await;
+    let body = wait_for_health(&http, &base, 503).await;
+    assert_eq!(body["status"], "stalled", "{body}");
+    let stalled: Vec<&str> = body["stalled"]
+        .as_array()
+        .expect("a list of stalls")
+        .iter()
+        .filter_map(|stall| stall["loop"].as_str())
+        .collect();
+    assert_eq!(stalled, ["inbox"], "the outbox still beats: {body}");
+
+    // A ping the pinger decided on just before the stall may still be on its way; after that,
+    // none arrives for as long as the request is held (20 ping intervals here).
+    tokio::time::sleep(PING_EVERY * 5).await;
+    sock.drain();
+    tokio::time::sleep(PING_EVERY * 20).await;
+    let during_stall = sock.drain();
+    assert!(!during_stall.iter().any(|d| d == "WATCHDOG=1"), "{during_stall:?}");
+    assert_eq!(proxy.held_syncs(), 1, "the stall lasted through the silent window");
+
+    // The server answers again: the loop beats, health and pings come back, messages flow.
+    proxy.release_syncs();
+    wait_for_health(&http, &base, 200).await;
+    wait_for("watchdog pings after the stall", || sock.drain().iter().any(|d| d == "WATCHDOG=1"))
+        .await;
+    world.peer_says("after-stall", "awake?").await;
+    let replies = world.wait_for_replies(&conversation, 2).await;
+    assert_eq!(replies[1].content.text.as_deref(), Some("echo: awake?"));
+
+    running.stop.cancel();
+    tokio::time::timeout(Duration::from_secs(20), running.task)
+        .await
+        .expect("the daemon stops within 20 s")
+        .expect("join")
+        .expect("clean stop");
 }
