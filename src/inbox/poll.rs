@@ -48,7 +48,7 @@ impl Poller<'_> {
         tracing::info!(interval_ms = self.interval.as_millis(), "inbox polling");
         while !shutdown.is_cancelled() {
             self.telemetry.heartbeat.beat(INBOX_LOOP);
-            let pause = match self.drain_once().await {
+            let pause = match self.drain_once(shutdown).await {
                 Ok(()) => {
                     failures = 0;
                     self.telemetry.readiness.mark_ready(INBOX_LOOP);
@@ -72,11 +72,16 @@ impl Poller<'_> {
         Ok(())
     }
 
-    /// Fetches and handles pages until a short one.
-    async fn drain_once(&self) -> Result<(), PollError> {
+    /// Fetches and handles pages until a short one. A stop request abandons a fetch still
+    /// waiting for the server (nothing of it was handled, so nothing is lost), which keeps a
+    /// silent server from holding the stop past systemd's timeout.
+    async fn drain_once(&self, shutdown: &CancellationToken) -> Result<(), PollError> {
         loop {
             self.limiter.acquire(Priority::Normal).await;
-            let page = self.client.sync(None, PAGE_SIZE).await.map_err(api)?;
+            let page = tokio::select! {
+                () = shutdown.cancelled() => return Ok(()),
+                page = self.client.sync(None, PAGE_SIZE) => page.map_err(api)?,
+            };
             let full = page.len() >= PAGE_SIZE as usize;
             let mut last_done: Option<String> = None;
             for row in &page {
