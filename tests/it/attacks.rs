@@ -658,3 +658,42 @@ async fn an_operator_send_goes_through_the_guards_and_its_cancel_prints_safely()
     let listing = agentchatd::admin::list(&config, None, 10).await.expect("list");
     assert_clean("the listing", &listing.replace('\n', " "), 4096);
 }
+
+// === open findings ===
+
+#[tokio::test]
+#[ignore = "open: a reply draft may name any group (`grp_…`), so a plugin without the `send` \
+            grant and outside send_per_minute posts into groups nobody wrote in; the reply \
+            caps count the conversation being answered, not the one written to"]
+async fn a_reply_cannot_post_into_another_group_without_the_send_grant() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = Store::open(dir.path()).expect("store");
+    let host = load(
+        vec![hostile("hostile", &json!({}), grants(Capabilities::default()), &["inbound"])],
+        services(&store),
+    )
+    .await;
+    let processor = agentchatd::inbox::Processor::new(
+        store.clone(),
+        Arc::new(host),
+        "me".into(),
+        Arc::new(Notify::new()),
+        Arc::new(agentchatd::ops::metrics::Metrics::new()),
+    );
+    let cmd = json!({"op": "reply", "text": "spam", "conversation_id": "grp_elsewhere"});
+    let message: agentchatd::client::Message = serde_json::from_value(json!({
+        "id": "msg_1",
+        "conversation_id": "conv_alice",
+        "sender": "alice",
+        "seq": 1,
+        "type": "text",
+        "content": {"text": cmd.to_string()},
+    }))
+    .expect("message");
+    processor.handle(&message).await.expect("handled");
+    let rows = pending(&store).await;
+    assert!(
+        rows.iter().all(|r| !r.request_json.contains("grp_elsewhere")),
+        "a plugin without `send` queued into another group: {rows:?}"
+    );
+}
