@@ -178,10 +178,17 @@ pub(crate) fn to_wit_stop_reason(reason: StopReason) -> wit::StopReason {
 }
 
 /// Renders a plugin-reported error as `kind: detail`.
+///
+/// The detail is the guest's own text and ends up in warn logs, dead letters and `status`, so
+/// it is cut and stripped of control characters here, once for every caller.
 pub(crate) fn describe_plugin_error(err: &wit::PluginError) -> String {
+    let shown = |detail: &str| super::call::shown(detail, MAX_PLUGIN_ERROR_BYTES);
     match err {
-        wit::PluginError::BadInput(detail) => format!("bad-input: {detail}"),
-        wit::PluginError::Unavailable(detail) => format!("unavailable: {detail}"),
-        wit::PluginError::Internal(detail) => format!("internal: {detail}"),
+        wit::PluginError::BadInput(detail) => format!("bad-input: {}", shown(detail)),
+        wit::PluginError::Unavailable(detail) => format!("unavailable: {}", shown(detail)),
+        wit::PluginError::Internal(detail) => format!("internal: {}", shown(detail)),
     }
 }
+
+/// Longest detail of a plugin's own error kept, in bytes.
+const MAX_PLUGIN_ERROR_BYTES: usize = 512;

@@ -326,7 +326,7 @@ impl CallState {
                     plugin = %self.plugin_id,
                     stream,
                     "{}",
-                    truncate(line, MAX_LOG_LINE_BYTES)
+                    shown(line, MAX_LOG_LINE_BYTES)
                 );
             }
             if dropped > 0 {
@@ -371,7 +371,7 @@ impl agentchat::plugin::log::Host for CallState {
         self.log_lines += 1;
 
         let plugin = &*self.plugin_id;
-        let msg = truncate(&msg, MAX_LOG_LINE_BYTES);
+        let msg = shown(&msg, MAX_LOG_LINE_BYTES);
         let fields = render_fields(&fields);
         match level {
             Level::Trace => tracing::trace!(target: GUEST_LOG_TARGET, plugin, fields, "{msg}"),
@@ -404,11 +404,22 @@ fn render_fields(fields: &[(String, String)]) -> String {
         if !out.is_empty() {
             out.push(' ');
         }
-        out.push_str(truncate(key, 64));
+        out.push_str(&shown(key, 64));
         out.push('=');
-        out.push_str(truncate(value, 256));
+        out.push_str(&shown(value, 256));
     }
     out
+}
+
+/// Text a plugin chose, made fit for the log, the queue and the operator's terminal: control
+/// characters (ANSI escapes, line breaks, NUL) replaced, then cut to at most `max` bytes. A
+/// guest's error or cancel reason could otherwise repaint the terminal of whoever runs
+/// `agentchatd outbox list`, forge log lines (tracing escapes ANSI but not line breaks) or
+/// flood the log with megabytes on every call.
+pub(crate) fn shown(text: &str, max: usize) -> String {
+    let clean: String =
+        truncate(text, max).chars().map(|c| if c.is_control() { '\u{fffd}' } else { c }).collect();
+    truncate(&clean, max).to_owned()
 }
 
 /// Cuts `text` to at most `max` bytes on a character boundary.

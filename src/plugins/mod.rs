@@ -569,7 +569,8 @@ impl PluginHost {
                     rewriters.push(plugin.id.to_string());
                 }
                 Ok(HookReturn::Send(GuestSendDecision::Cancel(reason))) => {
-                    let reason = call::truncate(&reason, 512).to_owned();
+                    // Stored with the dead letter and printed by `outbox list`.
+                    let reason = call::shown(&reason, 512);
                     return SendVerdict::Cancel { plugin_id: plugin.id.to_string(), reason };
                 }
                 Ok(HookReturn::Decision(_)) => {}

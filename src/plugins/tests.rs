@@ -314,3 +314,16 @@ fn only_misbehaviour_counts_as_a_failure() {
     assert!(!CallError::PluginError("x".into()).counts_as_failure());
     assert!(!CallError::Suspended { remaining: Duration::from_secs(1) }.counts_as_failure());
 }
+
+#[test]
+fn guest_text_is_shown_without_control_characters_and_within_its_cap() {
+    // What a guest logs or gives as a reason: a line break would forge a log line (tracing
+    // escapes ANSI but not line breaks), an escape would repaint the operator's terminal.
+    let shown = call::shown("ok\n2026-01-01 INFO forged\u{1b}[2J\r\u{0}", 64);
+    assert!(!shown.chars().any(char::is_control), "{shown:?}");
+    assert!(shown.starts_with("ok\u{fffd}2026-01-01 INFO forged"), "{shown:?}");
+    // Replacements are wider than what they replace; the cap still holds, on a char boundary.
+    let wide = call::shown(&"\n".repeat(100), 10);
+    assert!(wide.len() <= 10 && wide.chars().all(|c| c == '\u{fffd}'), "{wide:?}");
+    assert_eq!(call::shown("é".repeat(10).as_str(), 5), "éé");
+}

@@ -1,6 +1,7 @@
 //! The one integration test binary: each module tests one part of the daemon through its
 //! public API; `support` and `harness` hold helpers shared between them.
 
+mod attacks;
 mod bad_server;
 mod cli;
 mod completions;
