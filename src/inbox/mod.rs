@@ -268,16 +268,21 @@ fn reply_request(
     index: usize,
     draft: Draft,
 ) -> Result<(String, SendRequest), String> {
+    // A reply goes where the message came from. Writing anywhere else is a proactive send:
+    // it needs the `send` grant and counts against the plugin's cap (`messaging.send`), and
+    // the reply caps, which count the conversation answered, could not hold it back.
     let target = draft.conversation_id.unwrap_or_else(|| message.conversation_id.clone());
+    if target != message.conversation_id {
+        return Err(format!(
+            "draft names conversation {target}, which is not the one being answered; a reply \
+             goes to the current conversation, use messaging.send (with the `send` grant) to \
+             write elsewhere"
+        ));
+    }
     let (to, conversation_id) = if target.starts_with("grp_") {
         (None, Some(target))
-    } else if target == message.conversation_id {
-        (Some(message.sender.clone()), None)
     } else {
-        return Err(format!(
-            "draft names direct conversation {target}, which is not the one being answered; \
-             only the current conversation or a group can be addressed"
-        ));
+        (Some(message.sender.clone()), None)
     };
     let data = match draft.data_json {
         Some(json) => Some(

@@ -345,7 +345,7 @@ pub enum Decision {
 /// An outbound message a plugin asks for, already validated by the host.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Draft {
-    /// Target conversation; `None` means the conversation of the message being answered.
+    /// `None` or the conversation being answered; drafts naming another one are discarded.
     pub conversation_id: Option<String>,
     pub text: Option<String>,
     /// A JSON object.
