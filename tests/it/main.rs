@@ -13,6 +13,7 @@ mod ops;
 mod outbox;
 mod plugins;
 mod proxy;
+mod python_plugin;
 mod sdk;
 mod server;
 mod service;

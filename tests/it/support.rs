@@ -1,5 +1,5 @@
-//! Helpers shared by the integration tests: the echo plugin build, hand-written WAT guests and
-//! sample messages.
+//! Helpers shared by the integration tests: the echo and Python greeter plugin builds,
+//! hand-written WAT guests and sample messages.
 
 #![allow(dead_code)] // Each test module uses a different subset.
 
@@ -12,8 +12,9 @@ use std::time::{Duration, Instant};
 
 use agentchatd::plugins::{ContentKind, ConversationKind, InboundMessage};
 
-/// Longest the echo plugin build may take (a cold build fetches and compiles wit-bindgen).
-const ECHO_BUILD_TIMEOUT: Duration = Duration::from_secs(600);
+/// Longest a guest plugin build may take (a cold echo build fetches and compiles wit-bindgen; a
+/// cold Python build installs componentize-py).
+const GUEST_BUILD_TIMEOUT: Duration = Duration::from_secs(600);
 
 /// The crate root.
 pub fn repo_root() -> PathBuf {
@@ -25,7 +26,7 @@ pub fn repo_root() -> PathBuf {
 ///
 /// # Panics
 ///
-/// When the build fails or runs past [`ECHO_BUILD_TIMEOUT`] and no earlier build exists.
+/// When the build fails or runs past [`GUEST_BUILD_TIMEOUT`] and no earlier build exists.
 pub fn echo_plugin_path() -> PathBuf {
     static BUILT: OnceLock<PathBuf> = OnceLock::new();
     BUILT.get_or_init(build_echo_plugin).clone()
@@ -34,33 +35,54 @@ pub fn echo_plugin_path() -> PathBuf {
 fn build_echo_plugin() -> PathBuf {
     let root = repo_root();
     let guest_target = root.join("plugins/target");
-    let wasm = guest_target.join("wasm32-wasip2/release/echo.wasm");
-    let log_path =
-        std::env::temp_dir().join(format!("agentchatd-echo-build-{}.log", std::process::id()));
+    let mut cargo = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
+    cargo
+        .args(["build", "--release", "--target", "wasm32-wasip2", "--manifest-path"])
+        .arg(root.join("plugins/Cargo.toml"))
+        // The guest workspace keeps its own target dir even when the caller set another.
+        .env("CARGO_TARGET_DIR", &guest_target);
+    build_guest("echo", &mut cargo, guest_target.join("wasm32-wasip2/release/echo.wasm"))
+}
 
-    let outcome = run_bounded(
-        Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()))
-            .args(["build", "--release", "--target", "wasm32-wasip2", "--manifest-path"])
-            .arg(root.join("plugins/Cargo.toml"))
-            // The guest workspace keeps its own target dir even when the caller set another.
-            .env("CARGO_TARGET_DIR", &guest_target),
-        &log_path,
-    );
-    match outcome {
+/// Path of the Python greeter component (`plugins/python-greeter`), built once per test run by
+/// `scripts/build-python-plugins`, which skips the build when its inputs are unchanged.
+///
+/// # Panics
+///
+/// When the build fails or runs past [`GUEST_BUILD_TIMEOUT`] and no earlier build exists.
+pub fn python_greeter_path() -> PathBuf {
+    static BUILT: OnceLock<PathBuf> = OnceLock::new();
+    BUILT
+        .get_or_init(|| {
+            let root = repo_root();
+            let mut script = Command::new(root.join("scripts/build-python-plugins"));
+            let wasm = root.join("plugins/target/python/python_greeter.wasm");
+            build_guest("python-greeter", &mut script, wasm)
+        })
+        .clone()
+}
+
+/// Runs `cmd`, which builds the guest `name` into `wasm`, and returns `wasm`. A failed build
+/// falls back to an earlier component, so tests still run where the toolchain is missing.
+fn build_guest(name: &str, cmd: &mut Command, wasm: PathBuf) -> PathBuf {
+    let log_path =
+        std::env::temp_dir().join(format!("agentchatd-{name}-build-{}.log", std::process::id()));
+    match run_bounded(cmd, &log_path) {
         Ok(()) => assert!(wasm.is_file(), "the build passed but {} is missing", wasm.display()),
         Err(why) if wasm.is_file() => {
-            eprintln!("echo plugin build failed ({why}); testing the existing {}", wasm.display())
+            eprintln!("{name} plugin build failed ({why}); testing the existing {}", wasm.display())
         }
         Err(why) => {
             let log = std::fs::read_to_string(&log_path).unwrap_or_default();
-            panic!("cannot build the echo plugin: {why}\n{log}");
+            panic!("cannot build the {name} plugin: {why}\n{log}");
         }
     }
     wasm
 }
 
-/// Runs `cmd` with its output in `log_path`, killing it after [`ECHO_BUILD_TIMEOUT`].
+/// Runs `cmd` with its output in `log_path`, killing it after [`GUEST_BUILD_TIMEOUT`].
 fn run_bounded(cmd: &mut Command, log_path: &Path) -> Result<(), String> {
+    let program = cmd.get_program().to_string_lossy().into_owned();
     let log = std::fs::File::create(log_path).map_err(|err| format!("log file: {err}"))?;
     let log_err = log.try_clone().map_err(|err| format!("log file: {err}"))?;
     let mut child = cmd
@@ -68,20 +90,20 @@ fn run_bounded(cmd: &mut Command, log_path: &Path) -> Result<(), String> {
         .stdout(log)
         .stderr(log_err)
         .spawn()
-        .map_err(|err| format!("cannot start cargo: {err}"))?;
+        .map_err(|err| format!("cannot start {program}: {err}"))?;
 
     let started = Instant::now();
     loop {
         match child.try_wait() {
             Ok(Some(status)) if status.success() => return Ok(()),
-            Ok(Some(status)) => return Err(format!("cargo exited with {status}")),
-            Ok(None) if started.elapsed() > ECHO_BUILD_TIMEOUT => {
+            Ok(Some(status)) => return Err(format!("{program} exited with {status}")),
+            Ok(None) if started.elapsed() > GUEST_BUILD_TIMEOUT => {
                 let _ = child.kill();
                 let _ = child.wait();
-                return Err(format!("cargo ran past {ECHO_BUILD_TIMEOUT:?}"));
+                return Err(format!("{program} ran past {GUEST_BUILD_TIMEOUT:?}"));
             }
             Ok(None) => std::thread::sleep(Duration::from_millis(100)),
-            Err(err) => return Err(format!("cannot wait for cargo: {err}")),
+            Err(err) => return Err(format!("cannot wait for {program}: {err}")),
         }
     }
 }
