@@ -26,6 +26,25 @@ pub async fn status(config: &Config) -> Result<String, StoreError> {
     let cursor = store.meta("sync_cursor").await?;
 
     let mut out = String::new();
+    let running = match crate::ops::lock::InstanceLock::acquire(&config.state_dir) {
+        Ok(_free) => {
+            let _ = writeln!(out, "daemon: not running");
+            false
+        }
+        Err(crate::ops::lock::LockError::Held { holder: Some(holder), .. }) => {
+            let since = holder.started.map(|t| format!(", started {t}")).unwrap_or_default();
+            let _ = writeln!(out, "daemon: running (pid {}{since})", holder.pid);
+            true
+        }
+        Err(crate::ops::lock::LockError::Held { holder: None, .. }) => {
+            let _ = writeln!(out, "daemon: running");
+            true
+        }
+        Err(err) => {
+            let _ = writeln!(out, "daemon: unknown ({err})");
+            false
+        }
+    };
     let _ = writeln!(out, "api: {}", config.api_base);
     let _ = writeln!(out, "state: {}", store.path().display());
     let held_text = if held.is_empty() {
@@ -54,15 +73,35 @@ pub async fn status(config: &Config) -> Result<String, StoreError> {
     }
     let _ = writeln!(out, "sync cursor: {}", cursor.as_deref().unwrap_or("none"));
     let _ = writeln!(out, "quarantined inbound items: {}", store.quarantined().await?);
+    if let Some(reload) = store.meta(LAST_RELOAD_KEY).await? {
+        let _ = writeln!(out, "last reload: {reload}");
+    }
     match store.meta(PLUGIN_STATUS_KEY).await? {
-        Some(json) => out.push_str(&render_plugin_status(&json, now)),
+        Some(json) if running => out.push_str(&render_plugin_status(&json, now)),
+        Some(json) => {
+            out.push_str("as of the daemon's last run, ");
+            out.push_str(&render_plugin_status(&json, now));
+        }
         None => out.push_str("plugins: no report yet (the daemon writes one while it runs)\n"),
     }
     Ok(out)
 }
 
+/// The platform's handle rule: 3 to 30 characters, `^[a-z][a-z0-9]*(-[a-z0-9]+)*$`.
+fn valid_handle(handle: &str) -> bool {
+    let bytes = handle.as_bytes();
+    (3..=30).contains(&bytes.len())
+        && bytes[0].is_ascii_lowercase()
+        && !handle.ends_with('-')
+        && !handle.contains("--")
+        && bytes.iter().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || *b == b'-')
+}
+
 /// Meta key under which the running daemon keeps its plugins' states for `status`.
 pub const PLUGIN_STATUS_KEY: &str = "plugin_status";
+
+/// Meta key under which the daemon records how its last reload went.
+pub const LAST_RELOAD_KEY: &str = "last_reload";
 
 /// One plugin's state as the daemon records it for `status`.
 #[derive(serde::Serialize, serde::Deserialize)]
@@ -217,15 +256,27 @@ pub async fn send(
         );
         return Ok((false, reason));
     }
+    let handle = to.trim_start_matches('@').to_lowercase();
+    if !valid_handle(&handle) {
+        let reason = format!(
+            "not queued: `{to}` is not an AgentChat handle (3 to 30 characters: a lower-case \
+             letter, then letters, digits and single hyphens)\n"
+        );
+        return Ok((false, reason));
+    }
     let store = Store::open(&config.state_dir)?;
     let id = id.unwrap_or_else(|| format!("{:032x}", rand::random::<u128>()));
-    let (key, fresh) = queue_operator_send(&store, to, text, &id).await?;
+    let (key, fresh) = queue_operator_send(&store, &handle, text, &id).await?;
+    let row = store.send_row_id(&key).await?.map_or_else(String::new, |row| format!("#{row} "));
     Ok((
         true,
         if fresh {
-            format!("queued for {to} as {key} (operator id {id})\n")
+            format!(
+                "queued for {handle} as {row}(key {key}, operator id {id}); `agentchatd outbox \
+                 list` shows how it goes\n"
+            )
         } else {
-            format!("already queued as {key} (operator id {id}); nothing added\n")
+            format!("already queued as {row}(key {key}, operator id {id}); nothing added\n")
         },
     ))
 }

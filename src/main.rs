@@ -253,7 +253,11 @@ where
 }
 
 fn reload_daemon(path: &std::path::Path) -> ExitCode {
-    let config = match config::load(path) {
+    // The same checks the daemon makes before it swaps anything, so a refusal shows up here
+    // instead of only in the daemon's log. The key is not read: a reload keeps the running
+    // key, and under systemd only the service can read its credential.
+    let checked = config::load(path).and_then(|c| check_plugins(&c).map(|()| c));
+    let config = match checked {
         Ok(config) => config,
         Err(err) => {
             eprintln!("agentchatd: {err}; the daemon would refuse it too, so nothing was sent");
@@ -263,8 +267,8 @@ fn reload_daemon(path: &std::path::Path) -> ExitCode {
     match agentchatd::ops::lock::signal_reload(&config.state_dir) {
         Ok(pid) => {
             println!(
-                "asked agentchatd (pid {pid}) to reload; its log and `agentchatd status` show \
-                 the outcome"
+                "asked agentchatd (pid {pid}) to reload; `agentchatd status` shows the outcome \
+                 within a few seconds"
             );
             ExitCode::SUCCESS
         }
@@ -275,22 +279,24 @@ fn reload_daemon(path: &std::path::Path) -> ExitCode {
     }
 }
 
+/// Loads every plugin of `config` as the daemon would (files, manifests, grants, schemas,
+/// exports), without touching the state directory.
+fn check_plugins(config: &config::Config) -> Result<(), config::ConfigError> {
+    config::check_plugin_files(config)?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|err| config::ConfigError::Unusable(format!("cannot start a runtime: {err}")))?;
+    runtime
+        .block_on(agentchatd::service::check_plugins(config))
+        .map(drop)
+        .map_err(|err| config::ConfigError::Unusable(err.to_string()))
+}
+
 fn check_config(path: &std::path::Path) -> ExitCode {
     let checked = config::load(path)
         .and_then(|c| c.api_key.load().map(|_| c))
-        .and_then(|c| config::check_plugin_files(&c).map(|()| c));
-    // Loading the plugins checks manifests, grants, config schemas and exports exactly as the
-    // daemon will, so a bad grant is caught here rather than at start.
-    let checked = checked.and_then(|c| {
-        let runtime =
-            tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(|err| {
-                config::ConfigError::Unusable(format!("cannot start a runtime: {err}"))
-            })?;
-        runtime
-            .block_on(agentchatd::service::check_plugins(&c))
-            .map_err(|err| config::ConfigError::Unusable(err.to_string()))?;
-        Ok(c)
-    });
+        .and_then(|c| check_plugins(&c).map(|()| c));
     match checked {
         Ok(config) => {
             let transport = format!("{:?}", config.transport).to_lowercase();

@@ -547,10 +547,12 @@ impl Reloader {
                 request = requests.recv() => if request.is_none() { return },
             }
             self.status.reloading();
-            match self.reload().await {
+            let at = crate::outbox::format_ms(crate::outbox::now_ms());
+            let outcome = match self.reload().await {
                 Ok(summary) => {
                     tracing::info!(%summary, "configuration reloaded");
                     self.status.set(&format!("reloaded: {summary}"));
+                    format!("done at {at}: {summary}")
                 }
                 Err(err) => {
                     tracing::error!(
@@ -558,6 +560,19 @@ impl Reloader {
                         "reload refused; the running configuration stays"
                     );
                     self.status.set(&format!("reload refused: {err}"));
+                    format!("refused at {at}, the running configuration stays: {err}")
+                }
+            };
+            // `agentchatd status` (another process) reads both at once, not after the next
+            // refresh.
+            if let Some(store) = &self.services.store {
+                let plugins = self.processor.plugin_set().current().status();
+                let report = crate::admin::encode_plugin_status(&plugins);
+                let written = store.set_meta(crate::admin::PLUGIN_STATUS_KEY, report).await;
+                let written =
+                    written.and(store.set_meta(crate::admin::LAST_RELOAD_KEY, outcome).await);
+                if let Err(err) = written {
+                    tracing::warn!(error = %err, "cannot record the reload for `status`");
                 }
             }
             self.status.ready();

@@ -322,6 +322,20 @@ impl Store {
         .await
     }
 
+    /// The row id of the send with `client_msg_id`, if queued.
+    ///
+    /// # Errors
+    /// On SQLite failure.
+    pub async fn send_row_id(&self, client_msg_id: &str) -> Result<Option<i64>, StoreError> {
+        let key = client_msg_id.to_owned();
+        self.call(move |c| {
+            use rusqlite::OptionalExtension;
+            c.query_row("SELECT id FROM outbox WHERE client_msg_id = ?1", [key], |r| r.get(0))
+                .optional()
+        })
+        .await
+    }
+
     /// Records that the `before-send` hooks passed a send, with the body they left.
     ///
     /// # Errors

@@ -164,7 +164,8 @@ async fn reload_swaps_plugins_sighup_refuses_a_broken_config_and_sigterm_stops_c
 
     // `agentchatd reload` swaps the plugin set: the new config takes effect for new messages.
     let good = std::fs::read_to_string(&path).expect("config");
-    std::fs::write(&path, format!("{good}config = {{ prefix = \"re: \" }}\n")).expect("config");
+    let good_with_prefix = format!("{good}config = {{ prefix = \"re: \" }}\n");
+    std::fs::write(&path, &good_with_prefix).expect("config");
     let out = agentchatd().args(["reload", "--config"]).arg(&path).output().expect("runs");
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     assert!(String::from_utf8_lossy(&out.stdout).contains(&format!("pid {pid}")));
@@ -177,6 +178,10 @@ async fn reload_swaps_plugins_sighup_refuses_a_broken_config_and_sigterm_stops_c
     world.peer_says("after-reload", "new prefix?").await;
     let replies = world.wait_for_replies(&conversation, 2).await;
     assert_eq!(replies[1].content.text.as_deref(), Some("re: new prefix?"));
+    let out = agentchatd().args(["status", "--config"]).arg(&path).output().expect("runs");
+    let status = String::from_utf8_lossy(&out.stdout);
+    // Recorded before the reloaded set took the message that was just answered.
+    assert!(status.contains("last reload: done at"), "{status}");
 
     std::fs::write(&path, "[agent]\napi_base = 42\n").expect("broken config");
     let out = agentchatd().args(["reload", "--config"]).arg(&path).output().expect("runs");
@@ -190,6 +195,18 @@ async fn reload_swaps_plugins_sighup_refuses_a_broken_config_and_sigterm_stops_c
         tokio::time::sleep(std::time::Duration::from_millis(25)).await;
     }
     assert!(log.lock().expect("lock").contains("reload refused"), "{}", log.lock().expect("lock"));
+    std::fs::write(&path, &good_with_prefix).expect("config back");
+    // The daemon logs the refusal just before it records it for `status`.
+    let mut status = String::new();
+    for _ in 0..100 {
+        let out = agentchatd().args(["status", "--config"]).arg(&path).output().expect("runs");
+        status = String::from_utf8_lossy(&out.stdout).into_owned();
+        if status.contains("last reload: refused at") {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert!(status.contains("last reload: refused at"), "{status}");
     world.peer_says("after-hup", "still answering?").await;
     let replies = world.wait_for_replies(&conversation, 3).await;
     assert_eq!(replies[2].content.text.as_deref(), Some("re: still answering?"));

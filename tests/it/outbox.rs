@@ -163,6 +163,7 @@ async fn the_101st_new_thread_waits_until_a_cold_slot_frees() {
     .await;
     let status = admin::status(&config).await.expect("status");
     assert!(status.contains("100 of 100"), "{status}");
+    assert!(status.starts_with("daemon: running (pid "), "{status}");
     let stats = world.server.send_stats();
     assert_eq!(stats.rate_limited.load(std::sync::atomic::Ordering::Relaxed), 0);
 
@@ -180,6 +181,8 @@ async fn the_101st_new_thread_waits_until_a_cold_slot_frees() {
     wait_until("the 101st thread", || async { rows(&store, SendState::Sent).await.len() == 101 })
         .await;
     daemon.stop().await;
+    let status = admin::status(&config).await.expect("status");
+    assert!(status.starts_with("daemon: not running"), "{status}");
     assert_eq!(stats.rate_limited.load(std::sync::atomic::Ordering::Relaxed), 0);
 }
 
@@ -282,4 +285,20 @@ async fn order_within_a_conversation_survives_retries() {
     assert_eq!(attempts, expected);
     let history = world.replies_seen_by_peer(&opening.conversation_id).await;
     assert_eq!(texts(&history), ["A", "B", "C"]);
+}
+
+#[tokio::test]
+async fn an_operator_send_names_its_queue_row_and_a_bad_handle_is_not_queued() {
+    let world = World::start().await;
+    let config = world.config(Transport::Websocket, vec![]);
+    let (queued, text) = admin::send(&config, "Bad Handle!", "hi", None).await.expect("send");
+    assert!(!queued && text.contains("not an AgentChat handle"), "{text}");
+    let (queued, text) =
+        admin::send(&config, "@Bob-2", "hi", Some("op-1".into())).await.expect("send");
+    assert!(queued && text.starts_with("queued for bob-2 as #1 "), "{text}");
+    let (queued, text) =
+        admin::send(&config, "bob-2", "hi", Some("op-1".into())).await.expect("send");
+    assert!(queued && text.starts_with("already queued as #1 "), "{text}");
+    let store = Store::open(&config.state_dir).expect("store");
+    assert_eq!(rows(&store, SendState::Pending).await.len(), 1);
 }
