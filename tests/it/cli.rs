@@ -178,9 +178,7 @@ async fn reload_swaps_plugins_sighup_refuses_a_broken_config_and_sigterm_stops_c
     world.peer_says("after-reload", "new prefix?").await;
     let replies = world.wait_for_replies(&conversation, 2).await;
     assert_eq!(replies[1].content.text.as_deref(), Some("re: new prefix?"));
-    let out = agentchatd().args(["status", "--config"]).arg(&path).output().expect("runs");
-    let status = String::from_utf8_lossy(&out.stdout);
-    // Recorded before the reloaded set took the message that was just answered.
+    let status = status_until(&path, "last reload: done at").await;
     assert!(status.contains("last reload: done at"), "{status}");
 
     std::fs::write(&path, "[agent]\napi_base = 42\n").expect("broken config");
@@ -196,16 +194,7 @@ async fn reload_swaps_plugins_sighup_refuses_a_broken_config_and_sigterm_stops_c
     }
     assert!(log.lock().expect("lock").contains("reload refused"), "{}", log.lock().expect("lock"));
     std::fs::write(&path, &good_with_prefix).expect("config back");
-    // The daemon logs the refusal just before it records it for `status`.
-    let mut status = String::new();
-    for _ in 0..100 {
-        let out = agentchatd().args(["status", "--config"]).arg(&path).output().expect("runs");
-        status = String::from_utf8_lossy(&out.stdout).into_owned();
-        if status.contains("last reload: refused at") {
-            break;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-    }
+    let status = status_until(&path, "last reload: refused at").await;
     assert!(status.contains("last reload: refused at"), "{status}");
     world.peer_says("after-hup", "still answering?").await;
     let replies = world.wait_for_replies(&conversation, 3).await;
@@ -239,4 +228,19 @@ fn the_shipped_sample_messages_run_through_plugin_test() {
     assert_eq!(lines.len(), 2, "{stdout}");
     assert_eq!(lines[0]["drafts"][0]["text"], "echo: ping");
     assert_eq!(lines[1]["decision"], "pass");
+}
+
+/// `agentchatd status` output once it contains `wanted` (the daemon logs a reload's outcome
+/// just before it records it), or the last output after 5 s.
+async fn status_until(config: &std::path::Path, wanted: &str) -> String {
+    let mut status = String::new();
+    for _ in 0..100 {
+        let out = agentchatd().args(["status", "--config"]).arg(config).output().expect("runs");
+        status = String::from_utf8_lossy(&out.stdout).into_owned();
+        if status.contains(wanted) {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    status
 }
