@@ -134,6 +134,11 @@ enum PluginAction {
         /// A JSON file holding an array of inbound messages.
         #[arg(long)]
         messages: PathBuf,
+        /// Grant a capability, as an operator would: kv, send, timers, history or
+        /// http=HOST[:PORT]. Repeat for several. kv and send are backed by a scratch store
+        /// that is thrown away afterwards; queued sends are printed.
+        #[arg(long = "grant", value_name = "CAPABILITY")]
+        grants: Vec<String>,
     },
 }
 
@@ -178,11 +183,33 @@ fn plugin_command(action: PluginAction) -> ExitCode {
 
     logging::init(LogStyle::detect(false));
     let lines = match action {
-        PluginAction::New { name, dir } => authoring::scaffold(&name, &dir)
-            .map(|made| vec![format!("created {} ({:?})", made.dir.display(), made.sdk)]),
-        PluginAction::Test { wasm, manifest, config, messages } => {
-            let test = authoring::OfflineTest { wasm, manifest, config_json: config, messages };
-            authoring::run_offline_blocking(&test)
+        PluginAction::New { name, dir } => authoring::scaffold(&name, &dir).map(|made| {
+            let sdk = match &made.sdk {
+                agentchatd::plugins::authoring::SdkSource::Repo(path) => {
+                    format!("uses the SDK at {}", path.display())
+                }
+                agentchatd::plugins::authoring::SdkSource::Vendored => {
+                    "the SDK and WIT are copied into its vendor/ folder".to_owned()
+                }
+            };
+            vec![
+                format!("created {}; {sdk}", made.dir.display()),
+                "build it with `cargo build --release --target wasm32-wasip2` there, then \
+                     try it with `agentchatd plugin test`"
+                    .to_owned(),
+            ]
+        }),
+        PluginAction::Test { wasm, manifest, config, messages, grants } => {
+            authoring::parse_grants(&grants).and_then(|grants| {
+                let test = authoring::OfflineTest {
+                    wasm,
+                    manifest,
+                    config_json: config,
+                    messages,
+                    grants,
+                };
+                authoring::run_offline_blocking(&test)
+            })
         }
     };
     match lines {

@@ -16,8 +16,9 @@
 
 use std::path::{Component, Path, PathBuf};
 
+use super::{Capabilities, HostServices, PluginSetup, PluginSpec, Verdict};
 use super::{Decision, InboundMessage, Manifest, ManifestError, PluginError, PluginHost};
-use super::{PluginSetup, PluginSpec, Verdict};
+use crate::store::Store;
 
 const SDK_CARGO_TOML: &str = include_str!("../../plugins/sdk/Cargo.toml");
 const SDK_LIB_RS: &str = include_str!("../../plugins/sdk/src/lib.rs");
@@ -60,6 +61,14 @@ pub enum AuthoringError {
     #[error("plugin manifest {0}")]
     Manifest(#[from] ManifestError),
 
+    /// A `--grant` value that names no capability.
+    #[error("`{0}` is not a capability; grant kv, send, timers, history or http=HOST[:PORT]")]
+    Grant(String),
+
+    /// The scratch store for kv and sends could not be used.
+    #[error("cannot use a scratch state store for the test: {0}")]
+    Scratch(crate::store::StoreError),
+
     /// The messages file is not a JSON array of inbound messages.
     #[error("{path}: {reason}; give a JSON array of inbound messages")]
     Messages {
@@ -99,7 +108,8 @@ pub enum SdkSource {
 }
 
 /// Creates a plugin crate called `name` in `parent/name`: `Cargo.toml`, `src/lib.rs`,
-/// `agentchat-plugin.toml` and `README.md` (plus `vendor/` outside this repository).
+/// `agentchat-plugin.toml`, `README.md` and `messages.json` (plus `vendor/` outside this
+/// repository).
 ///
 /// # Errors
 ///
@@ -138,6 +148,7 @@ pub fn scaffold(name: &str, parent: &Path) -> Result<Scaffold, AuthoringError> {
         ("src/lib.rs".into(), lib_rs(name)),
         ("agentchat-plugin.toml".into(), manifest_toml(name)),
         ("README.md".into(), readme(name, &sdk)),
+        ("messages.json".into(), SAMPLE_MESSAGES.to_string()),
         (".gitignore".into(), "/target\n".to_string()),
     ];
     if sdk == SdkSource::Vendored {
@@ -307,6 +318,9 @@ Each decision is printed as one JSON line. Then add the plugin to `agentchatd.to
     )
 }
 
+/// Sample inbound messages for `agentchatd plugin test`, written into a new plugin crate.
+const SAMPLE_MESSAGES: &str = include_str!("../../examples/messages.json");
+
 /// What `agentchatd plugin test` runs.
 #[derive(Debug, Clone)]
 pub struct OfflineTest {
@@ -318,6 +332,30 @@ pub struct OfflineTest {
     pub config_json: Option<String>,
     /// A JSON array of [`InboundMessage`]s.
     pub messages: PathBuf,
+    /// What the test grants the plugin, as an operator would.
+    pub grants: Capabilities,
+}
+
+/// Reads `--grant` values: `kv`, `send`, `timers`, `history` or `http=HOST[:PORT]`.
+///
+/// # Errors
+///
+/// [`AuthoringError::Grant`] naming the value that is none of those.
+pub fn parse_grants(values: &[String]) -> Result<Capabilities, AuthoringError> {
+    let mut grants = Capabilities::default();
+    for value in values {
+        match value.as_str() {
+            "kv" => grants.kv = true,
+            "send" => grants.send = true,
+            "timers" => grants.timers = true,
+            "history" => grants.history = true,
+            other => match other.strip_prefix("http=") {
+                Some(host) if !host.is_empty() => grants.http_allowed_hosts.push(host.to_owned()),
+                _ => return Err(AuthoringError::Grant(value.clone())),
+            },
+        }
+    }
+    Ok(grants)
 }
 
 /// Loads the plugin and runs it on every message, returning one JSON line per decision:
@@ -339,16 +377,45 @@ pub async fn run_offline(test: &OfflineTest) -> Result<Vec<String>, AuthoringErr
             PluginSetup::from(PluginSpec::new(id.unwrap_or_else(|| "plugin".into()), &test.wasm))
         }
     };
-    let setup = spec.with_config(test.config_json.clone().unwrap_or_default());
-    let host = PluginHost::load(vec![setup], None).await?;
+    let setup = spec
+        .with_config(test.config_json.clone().unwrap_or_default())
+        .with_grants(test.grants.clone());
 
-    let mut lines = Vec::with_capacity(messages.len());
-    for msg in &messages {
-        for verdict in host.on_message(msg).await {
-            lines.push(verdict_json(&msg.id, &verdict).to_string());
+    // kv and proactive sends get a scratch store of their own, so a test run touches no
+    // daemon's state; it is removed when the run ends.
+    let scratch = std::env::temp_dir().join(format!(
+        "agentchatd-plugin-test-{}-{:016x}",
+        std::process::id(),
+        rand::random::<u64>()
+    ));
+    let store = Store::open(&scratch).map_err(AuthoringError::Scratch)?;
+    let services = HostServices {
+        store: Some(store.clone()),
+        outbox_wake: Some(std::sync::Arc::new(tokio::sync::Notify::new())),
+        ..HostServices::default()
+    };
+    let result = async {
+        let host = PluginHost::load_with(vec![setup], None, services).await?;
+        let mut lines = Vec::with_capacity(messages.len());
+        for msg in &messages {
+            for verdict in host.on_message(msg).await {
+                lines.push(verdict_json(&msg.id, &verdict).to_string());
+            }
         }
+        let queued = store.list_sends(None, 1000).await.map_err(AuthoringError::Scratch)?;
+        for row in queued.into_iter().rev() {
+            let request: serde_json::Value =
+                serde_json::from_str(&row.request_json).unwrap_or_default();
+            lines.push(
+                serde_json::json!({ "queued_send": request, "origin": row.origin }).to_string(),
+            );
+        }
+        Ok(lines)
     }
-    Ok(lines)
+    .await;
+    drop(store);
+    let _ = std::fs::remove_dir_all(&scratch);
+    result
 }
 
 /// [`run_offline`] on a runtime of its own, for the command line.

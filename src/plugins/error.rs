@@ -87,8 +87,9 @@ pub enum PluginError {
 
     /// The manifest asks for capabilities the operator did not grant.
     #[error(
-        "plugin `{id}` asks for capabilities that are not granted: {missing}; grant them in the \
-         plugin's entry or do not enable the plugin"
+        "plugin `{id}` asks for capabilities that are not granted: {missing}; grant them under \
+         [plugins.grants] in its agentchatd.toml entry (keys send, kv, timers, history, \
+         http_allowed_hosts) or do not enable the plugin"
     )]
     NotGranted {
         /// The plugin id from the spec.

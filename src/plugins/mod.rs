@@ -922,10 +922,10 @@ fn apply_manifest(
     if let Some(mib) = manifest.limits.memory_mib {
         let wanted = usize::try_from(mib).unwrap_or(usize::MAX).saturating_mul(1 << 20);
         if wanted > spec.memory_limit_bytes {
+            let allowed = spec.memory_limit_bytes as f64 / f64::from(1u32 << 20);
             let reason = format!(
-                "asks for {mib} MiB but the operator allows {} bytes; raise the plugin's memory \
-                 limit",
-                spec.memory_limit_bytes
+                "asks for {mib} MiB but the operator allows {allowed:.1} MiB; raise `memory_mib` \
+                 in the plugin's agentchatd.toml entry"
             );
             return Err(fail("limits.memory-mib", reason));
         }
@@ -934,9 +934,10 @@ fn apply_manifest(
     if let Some(wanted) = manifest.limits.hook_timeout {
         if wanted > spec.timeout {
             let reason = format!(
-                "asks for {wanted:?} per call but the operator allows {:?}; raise the plugin's \
-                 timeout",
-                spec.timeout
+                "asks for {} ms per call but the operator allows {} ms; raise `timeout_ms` in \
+                 the plugin's agentchatd.toml entry",
+                wanted.as_millis(),
+                spec.timeout.as_millis()
             );
             return Err(fail("limits.hook-timeout-ms", reason));
         }

@@ -516,6 +516,10 @@ fn plugin_new_outside_the_repo_vendors_the_sdk_and_writes_a_valid_manifest() {
     );
     assert!(read("src/lib.rs").contains("export_plugin!(MyBot);"));
     assert!(read("README.md").contains("agentchatd plugin test"));
+    // The README's `plugin test` command names a sample file the scaffold writes.
+    let samples: Vec<agentchatd::plugins::InboundMessage> =
+        serde_json::from_str(&read("messages.json")).expect("sample messages parse");
+    assert!(!samples.is_empty());
     assert_eq!(read("vendor/wit/plugin.wit"), read_repo("plugins/wit/plugin.wit"));
     assert_eq!(read("vendor/agentchat-plugin-sdk/src/lib.rs"), read_repo("plugins/sdk/src/lib.rs"));
 
@@ -612,4 +616,58 @@ fn plugin_test_prints_one_json_line_per_decision_and_fails_on_a_bad_plugin() {
     ]);
     assert!(!garbage.status.success());
     assert!(garbage.stdout.is_empty());
+}
+
+#[test]
+fn plugin_test_grants_capabilities_and_backs_kv_with_a_scratch_store() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let messages = dir.path().join("messages.json");
+    let mut second = text_message("ping again");
+    second.id = "msg-2".to_string();
+    let sample = vec![text_message("ping"), second];
+    std::fs::write(&messages, serde_json::to_string(&sample).expect("json")).expect("write");
+    // The whole guest workspace is built with echo, rules included.
+    let rules = echo_plugin_path().with_file_name("rules.wasm");
+    let manifest = repo_root().join("plugins/rules/agentchat-plugin.toml");
+    let config = r#"{"rules": [{"keyword": "ping", "reply": "pong"}],
+        "per-peer-budget": {"replies": 1, "window-secs": 60}}"#;
+    let run = |grants: &[&str]| {
+        let mut args: Vec<&std::ffi::OsStr> = vec![
+            "plugin".as_ref(),
+            "test".as_ref(),
+            rules.as_os_str(),
+            "--manifest".as_ref(),
+            manifest.as_os_str(),
+            "--config".as_ref(),
+            config.as_ref(),
+            "--messages".as_ref(),
+            messages.as_os_str(),
+        ];
+        for grant in grants {
+            args.push("--grant".as_ref());
+            args.push(grant.as_ref());
+        }
+        run_cli(&args)
+    };
+
+    // With kv granted the budget is counted: one reply to alice, then a pass.
+    let out = run(&["kv"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let decisions: Vec<String> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|line| {
+            let value: serde_json::Value = serde_json::from_str(line).expect("a JSON line");
+            value["decision"].as_str().unwrap_or("error").to_string()
+        })
+        .collect();
+    assert_eq!(decisions, ["reply", "pass"]);
+
+    // Without it the budget cannot be kept, so the plugin reports an error instead of replying.
+    let out = run(&[]);
+    assert!(out.status.success());
+    assert!(String::from_utf8_lossy(&out.stdout).contains("\"error\""));
+
+    let out = run(&["filesystem"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("`filesystem` is not a capability"));
 }
