@@ -46,12 +46,15 @@ pub enum ConfigError {
         /// The I/O error.
         source: std::io::Error,
     },
-    /// The file is not valid TOML, or has an unknown or mistyped key.
-    #[error("{path}: {message}")]
+    /// The file is not valid TOML, or has an unknown or mistyped key. Shown as
+    /// `file:line: `key`: message`, like [`ConfigError::Invalid`].
+    #[error("{path}:{line}: {message}")]
     Parse {
         /// The file that was parsed.
         path: PathBuf,
-        /// The parser's message, which names the key and shows the line.
+        /// The line the parser stopped at.
+        line: usize,
+        /// The parser's message, led by the key when one is on that line.
         message: String,
     },
     /// A key has a value the daemon cannot use.
@@ -418,10 +421,11 @@ pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
     let raw: RawConfig = toml::from_str(text).map_err(|err| {
         let at = err.span().map_or(0, |span| span.start);
         let line = line_of(text, at);
-        let key = key_on_line(text, at).map(|key| format!(" `{key}`")).unwrap_or_default();
+        let key = key_on_line(text, at).map(|key| format!("`{key}`: ")).unwrap_or_default();
         ConfigError::Parse {
             path: path.to_path_buf(),
-            message: format!("line {line}{key}: {}", err.message().trim_end()),
+            line,
+            message: format!("{key}{}", err.message().trim_end()),
         }
     })?;
     let ctx = Ctx { text, path };
