@@ -149,6 +149,7 @@ pub async fn run_with(config: Config, controls: Controls) -> Result<(), ServiceE
         api: Some(PacedApi { client: client.clone(), limiter: Arc::clone(&limiter) }),
         outbox_wake: Some(Arc::clone(&wake)),
         metrics: Some(Arc::clone(&metrics)),
+        send_windows: crate::plugins::SendWindows::default(),
     };
     status.set("loading plugins");
     let plugins = Arc::new(load_plugins(&config, &services).await?);

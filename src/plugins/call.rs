@@ -5,7 +5,6 @@
 //! Every call gets a new `Store` from the plugin's pre-linked instance, so nothing a guest did
 //! in one call (a trap, a corrupted heap, a global it set) can reach the next one.
 
-use std::collections::VecDeque;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
@@ -69,8 +68,6 @@ pub(crate) struct CallTarget {
     pub services: HostServices,
     /// HTTP client that enforces the granted hosts; `None` when no host is granted.
     pub http: Option<reqwest::Client>,
-    /// When the plugin's recent proactive sends were queued, for the per-minute cap.
-    pub recent_sends: Mutex<VecDeque<Instant>>,
     /// Why `start` failed, if it did; a failed plugin's hooks are not called.
     pub failed: Mutex<Option<String>>,
     /// A std mutex: it is held for a few instructions and never across an `.await`.
@@ -159,8 +156,6 @@ pub(crate) struct CallState {
     pub(crate) sends_made: u32,
     /// When the call's budget runs out; imports that wait never wait past it.
     pub(crate) deadline: Instant,
-    /// The plugin itself, for state shared across calls (the send-rate window).
-    pub(crate) target: Arc<CallTarget>,
     wasi: WasiCtx,
     table: ResourceTable,
     limiter: CallLimiter,
@@ -301,7 +296,6 @@ impl CallState {
             grants: target.grants.clone(),
             services: target.services.clone(),
             http: target.http.clone(),
-            target: Arc::clone(target),
             scope,
             sends_made: 0,
             deadline: Instant::now() + budget,

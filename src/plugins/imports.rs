@@ -215,21 +215,10 @@ impl CallState {
     /// Counts a send against the plugin's per-minute cap.
     fn take_send_slot(&self) -> Result<(), messaging::SendRefusal> {
         let cap = usize::try_from(self.grants.send_per_minute).unwrap_or(usize::MAX);
-        let now = Instant::now();
-        let mut recent =
-            self.target.recent_sends.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        while recent.front().is_some_and(|t| now.duration_since(*t) >= SEND_WINDOW) {
-            recent.pop_front();
-        }
-        if recent.len() >= cap {
-            let wait = recent.front().map_or(SEND_WINDOW, |t| SEND_WINDOW - now.duration_since(*t));
+        self.services.send_windows.take(&self.plugin_id, cap, SEND_WINDOW).map_err(|wait| {
             tracing::warn!(plugin = %self.plugin_id, cap, "send refused: per-minute cap reached");
-            return Err(messaging::SendRefusal::OverLimit(
-                u64::try_from(wait.as_millis()).unwrap_or(u64::MAX),
-            ));
-        }
-        recent.push_back(now);
-        Ok(())
+            messaging::SendRefusal::OverLimit(u64::try_from(wait.as_millis()).unwrap_or(u64::MAX))
+        })
     }
 }
 

@@ -227,6 +227,33 @@ pub struct HostServices {
     pub outbox_wake: Option<Arc<Notify>>,
     /// Where every hook call is counted (`plugin_calls_total`, `plugin_call_seconds`).
     pub metrics: Option<Arc<crate::ops::metrics::Metrics>>,
+    /// Each plugin's recent proactive sends, by plugin id. It lives in the services rather
+    /// than in the loaded plugin so that a reload does not reset the per-minute cap.
+    pub send_windows: SendWindows,
+}
+
+/// When each plugin's recent proactive sends were queued, for the per-minute cap.
+#[derive(Clone, Default)]
+pub struct SendWindows(Arc<std::sync::Mutex<std::collections::HashMap<String, SendWindow>>>);
+
+type SendWindow = std::collections::VecDeque<Instant>;
+
+impl SendWindows {
+    /// Counts one send of `plugin` if fewer than `cap` fell within the last `window`;
+    /// otherwise returns how long until one leaves it.
+    pub(crate) fn take(&self, plugin: &str, cap: usize, window: Duration) -> Result<(), Duration> {
+        let now = Instant::now();
+        let mut all = self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let recent = all.entry(plugin.to_owned()).or_default();
+        while recent.front().is_some_and(|t| now.duration_since(*t) >= window) {
+            recent.pop_front();
+        }
+        if recent.len() >= cap {
+            return Err(recent.front().map_or(window, |t| window - now.duration_since(*t)));
+        }
+        recent.push_back(now);
+        Ok(())
+    }
 }
 
 /// The daemon's API client together with its pacing, so plugin reads share the request budget.
@@ -1091,7 +1118,6 @@ async fn load_one(
         failure_policy: prepared.failure_policy,
         services: services.clone(),
         http,
-        recent_sends: std::sync::Mutex::default(),
         failed: std::sync::Mutex::new(None),
         breaker: std::sync::Mutex::new(Breaker::new(prepared.breaker)),
     })

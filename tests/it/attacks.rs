@@ -405,9 +405,9 @@ async fn sends_need_the_grant_and_stop_at_the_per_minute_cap() {
     assert_eq!(ask(&ungranted, &send).await, json!(vec!["err:NotGranted"; 5]));
     assert!(pending(&store).await.is_empty());
 
-    let host =
-        load(vec![hostile("hostile", &json!({}), send_grant(3), &["inbound"])], services(&store))
-            .await;
+    let shared = services(&store);
+    let setup = || vec![hostile("hostile", &json!({}), send_grant(3), &["inbound"])];
+    let host = load(setup(), shared.clone()).await;
     let outcome = ask(&host, &send).await;
     let outcomes: Vec<&str> =
         outcome.as_array().expect("list").iter().filter_map(Value::as_str).collect();
@@ -415,6 +415,10 @@ async fn sends_need_the_grant_and_stop_at_the_per_minute_cap() {
     assert!(outcomes[3..].iter().all(|o| o.starts_with("err:OverLimit(")), "{outcomes:?}");
     // The cap is the plugin's, not the call's: a second message gets no fresh allowance.
     let again = ask(&host, &json!({"op": "send", "to": "bob", "text": "hi"})).await;
+    assert!(again[0].as_str().is_some_and(|o| o.starts_with("err:OverLimit(")), "{again}");
+    // Nor does a reload: the daemon hands the same services to the new plugin set.
+    let reloaded = load(setup(), shared).await;
+    let again = ask(&reloaded, &json!({"op": "send", "to": "bob", "text": "hi"})).await;
     assert!(again[0].as_str().is_some_and(|o| o.starts_with("err:OverLimit(")), "{again}");
     assert_eq!(pending(&store).await.len(), 3);
 }

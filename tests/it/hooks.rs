@@ -62,7 +62,7 @@ fn services(store: &Store) -> HostServices {
         store: Some(store.clone()),
         api: None,
         outbox_wake: Some(Arc::new(Notify::new())),
-        metrics: None,
+        ..HostServices::default()
     }
 }
 
