@@ -399,6 +399,10 @@ struct RawGrants {
     send_per_minute: Option<u32>,
     #[serde(default)]
     kv_max_bytes: Option<u64>,
+    #[serde(default)]
+    http_bearer_host: Option<String>,
+    #[serde(default)]
+    http_bearer_file: Option<String>,
 }
 
 /// Reads and validates a config file. Relative paths in it are taken from the file's folder.
@@ -646,6 +650,18 @@ pub fn check_plugin_files(config: &Config) -> Result<(), ConfigError> {
     Ok(())
 }
 
+/// Reads a secret token from `path`: one line, no inner whitespace. The message never
+/// includes the file's contents.
+fn read_token(path: &Path) -> Result<ApiKey, String> {
+    let raw = std::fs::read_to_string(path)
+        .map_err(|err| format!("cannot read {}: {err}; write the token into it", path.display()))?;
+    let token = raw.trim();
+    if token.is_empty() || token.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        return Err(format!("{} must hold the token alone, on one line", path.display()));
+    }
+    Ok(ApiKey::new(token))
+}
+
 /// Turns `http(s)://host` into `ws(s)://host/v1/ws`, as the platform's integrations do.
 pub fn derive_ws_url(api_base: &str) -> String {
     let rest = api_base
@@ -853,7 +869,7 @@ impl Ctx<'_> {
             }
         };
         let grants = match &raw.grants {
-            Some(grants) => self.grants(grants)?,
+            Some(grants) => self.grants(grants, base_dir)?,
             None => crate::plugins::Grants::default(),
         };
         Ok(PluginConfig {
@@ -869,7 +885,11 @@ impl Ctx<'_> {
         })
     }
 
-    fn grants(&self, raw: &Spanned<RawGrants>) -> Result<crate::plugins::Grants, ConfigError> {
+    fn grants(
+        &self,
+        raw: &Spanned<RawGrants>,
+        base_dir: &Path,
+    ) -> Result<crate::plugins::Grants, ConfigError> {
         let (span, raw) = (raw.span(), raw.get_ref());
         let mut grants = crate::plugins::Grants::default();
         for host in &raw.http_allowed_hosts {
@@ -905,6 +925,31 @@ impl Ctx<'_> {
             }
             grants.kv_max_bytes = bytes;
         }
+        grants.http_bearer = match (&raw.http_bearer_host, &raw.http_bearer_file) {
+            (None, None) => None,
+            (Some(host), Some(file)) => {
+                let granted = raw.http_allowed_hosts.iter().any(|h| h.trim() == host.trim());
+                if !granted {
+                    return Err(self.invalid(
+                        "plugins.grants.http_bearer_host",
+                        span,
+                        &format!("`{host}` must also be listed in http_allowed_hosts"),
+                    ));
+                }
+                let path = resolve(base_dir, file);
+                let token = read_token(&path).map_err(|why| {
+                    self.invalid("plugins.grants.http_bearer_file", span.clone(), &why)
+                })?;
+                Some(crate::plugins::HttpBearer { host: host.trim().to_owned(), token })
+            }
+            _ => {
+                return Err(self.invalid(
+                    "plugins.grants.http_bearer_host",
+                    span,
+                    "set both http_bearer_host and http_bearer_file, or neither",
+                ));
+            }
+        };
         grants.capabilities = crate::plugins::Capabilities {
             send: raw.send,
             kv: raw.kv,

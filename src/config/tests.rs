@@ -253,3 +253,37 @@ fn a_plugin_needs_a_path_or_a_manifest() {
     let message = check_invalid(&text, "plugins.manifest", 11);
     assert!(message.contains("agentchat-plugin.toml"), "{message}");
 }
+
+#[test]
+fn a_bearer_token_is_read_from_its_file_for_a_granted_host_only() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let token_file = dir.path().join("llm-token");
+    std::fs::write(&token_file, "sk-secret-value\n").expect("token");
+    let with_bearer = |host: &str, file: &str| {
+        PLUGINS.replace(
+            "kv_max_bytes = 4096",
+            &format!(
+                "kv_max_bytes = 4096\nhttp_bearer_host = \"{host}\"\nhttp_bearer_file = \"{file}\""
+            ),
+        )
+    };
+    let text = with_bearer("api.example.com", &token_file.display().to_string());
+    let config = parse_str(&text).expect("valid");
+    let bearer = config.plugins[0].grants.http_bearer.as_ref().expect("bearer");
+    assert_eq!(bearer.host, "api.example.com");
+    assert_eq!(bearer.token.expose(), "sk-secret-value");
+    assert!(!format!("{config:?}").contains("sk-secret-value"), "Debug never shows it");
+
+    let message = check_invalid(
+        &with_bearer("other.example.com", &token_file.display().to_string()),
+        "plugins.grants.http_bearer_host",
+        24,
+    );
+    assert!(message.contains("http_allowed_hosts"), "{message}");
+    std::fs::write(&token_file, "two words\n").expect("token");
+    let message = check_invalid(&text, "plugins.grants.http_bearer_file", 24);
+    assert!(!message.contains("words"), "the contents are never echoed: {message}");
+    let only_host =
+        PLUGINS.replace("kv_max_bytes = 4096", "kv_max_bytes = 4096\nhttp_bearer_host = \"x\"");
+    check_invalid(&only_host, "plugins.grants.http_bearer_host", 24);
+}

@@ -344,7 +344,7 @@ impl http::Host for CallState {
             "HEAD" => reqwest::Method::HEAD,
             other => return Err(HttpError::Invalid(format!("method `{other}` is not supported"))),
         };
-        let mut builder = client.request(method, url);
+        let mut builder = client.request(method, url.clone());
         for (name, value) in &req.headers {
             let name = reqwest::header::HeaderName::from_bytes(name.as_bytes())
                 .map_err(|_| HttpError::Invalid(format!("header name `{name}`")))?;
@@ -354,6 +354,19 @@ impl http::Host for CallState {
             let value = reqwest::header::HeaderValue::from_str(value)
                 .map_err(|_| HttpError::Invalid(format!("header `{name}` has a bad value")))?;
             builder = builder.header(name, value);
+        }
+        if let Some(bearer) = &self.grants.http_bearer
+            && host_allowed(&url, std::slice::from_ref(&bearer.host)).is_ok()
+            && !req.headers.iter().any(|(name, _)| name.eq_ignore_ascii_case("authorization"))
+        {
+            // Marked sensitive so it never shows in debug output; reqwest drops it when a
+            // redirect leaves this host.
+            let token = format!("Bearer {}", bearer.token.expose());
+            let mut value = reqwest::header::HeaderValue::from_str(&token).map_err(|_| {
+                HttpError::Invalid("the granted bearer token is not a header".into())
+            })?;
+            value.set_sensitive(true);
+            builder = builder.header(reqwest::header::AUTHORIZATION, value);
         }
         if let Some(body) = req.body {
             builder = builder.body(body);

@@ -187,6 +187,18 @@ pub struct Grants {
     pub send_per_minute: u32,
     /// Bytes of keys and values the plugin may keep (with `kv`).
     pub kv_max_bytes: u64,
+    /// A bearer token the host adds to the plugin's HTTP requests to one granted host, so the
+    /// plugin can use an API without ever holding its secret.
+    pub http_bearer: Option<HttpBearer>,
+}
+
+/// A secret the host puts in the `Authorization` header of requests to `host`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HttpBearer {
+    /// `host` or `host:port`, as in `http_allowed_hosts`.
+    pub host: String,
+    /// The token; its `Debug` is redacted.
+    pub token: crate::config::ApiKey,
 }
 
 /// Default proactive sends per minute of a plugin granted `send`.
@@ -201,6 +213,7 @@ impl Default for Grants {
             capabilities: Capabilities::default(),
             send_per_minute: DEFAULT_SEND_PER_MINUTE,
             kv_max_bytes: DEFAULT_KV_MAX_BYTES,
+            http_bearer: None,
         }
     }
 }

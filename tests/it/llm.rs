@@ -6,8 +6,8 @@ use std::time::Duration;
 
 use agentchatd::config::{PluginConfig, Transport};
 use agentchatd::plugins::{
-    CallError, Capabilities, Decision, Draft, Grants, HostServices, MAX_TEXT_BYTES, Manifest,
-    PluginError, PluginHost, PluginSetup, PluginSpec, PluginState,
+    CallError, Capabilities, Decision, Draft, Grants, HostServices, HttpBearer, MAX_TEXT_BYTES,
+    Manifest, PluginError, PluginHost, PluginSetup, PluginSpec, PluginState,
 };
 use serde_json::{Value, json};
 
@@ -285,4 +285,39 @@ async fn the_daemon_answers_with_the_model_and_sends_the_conversation_so_far() {
         ],
         "the second request carries the first exchange, the peer ({PEER}) as user"
     );
+}
+
+#[tokio::test]
+async fn the_host_adds_a_granted_bearer_token_the_plugin_never_sees() {
+    let server = CompletionsServer::start().await;
+    let elsewhere = CompletionsServer::start().await;
+    let config = json!({"endpoint": server.endpoint(), "model": "m"});
+    let grants = Grants {
+        capabilities: Capabilities {
+            http_allowed_hosts: vec![server.grant(), elsewhere.grant()],
+            ..Capabilities::default()
+        },
+        http_bearer: Some(HttpBearer {
+            host: server.grant(),
+            token: agentchatd::config::ApiKey::new("sk-host-held"),
+        }),
+        ..Grants::default()
+    };
+    let setup = llm_setup(&config, &[]).with_all_grants(grants.clone());
+    let host = load(vec![setup]).await;
+    host.on_message(&text_message("hi")).await;
+    assert_eq!(server.requests()[0].authorization.as_deref(), Some("Bearer sk-host-held"));
+
+    // A redirect to another granted host does not carry the token along.
+    server.set_mode(Mode::Redirect(format!("{}/chat/completions", elsewhere.endpoint())));
+    let verdicts = host.on_message(&text_message("again")).await;
+    assert_eq!(verdicts[0].result, Ok(Decision::Reply(vec![text_draft("model says: again")])));
+    assert_eq!(elsewhere.requests().len(), 1);
+    assert_eq!(elsewhere.requests()[0].authorization, None);
+
+    // Requests to a host the token is not for never get it.
+    let config = json!({"endpoint": elsewhere.endpoint(), "model": "m"});
+    let host = load(vec![llm_setup(&config, &[]).with_all_grants(grants)]).await;
+    host.on_message(&text_message("third")).await;
+    assert_eq!(elsewhere.requests()[1].authorization, None);
 }
