@@ -58,10 +58,12 @@ pub enum PluginError {
         reason: String,
     },
 
-    /// The component needs imports the host does not provide or lacks the `inbound` export.
+    /// The component needs imports the host does not provide, or exports no hook the host
+    /// would call.
     #[error(
-        "plugin `{id}`: {path} does not fit the agentchat:plugin/replier@0.1.0 world: {reason}; \
-         it may import only log, config and WASI p2, and must export inbound"
+        "plugin `{id}`: {path} does not fit the agentchat:plugin@0.1.0 API: {reason}; it may \
+         import only the API's interfaces (log, config, kv, messaging, history, http) and WASI \
+         p2, and must export the hooks it is called for"
     )]
     Link {
         /// The plugin id from the spec.
