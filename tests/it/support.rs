@@ -65,9 +65,14 @@ pub fn python_greeter_path() -> PathBuf {
 /// Runs `cmd`, which builds the guest `name` into `wasm`, and returns `wasm`. A failed build
 /// falls back to an earlier component, so tests still run where the toolchain is missing.
 fn build_guest(name: &str, cmd: &mut Command, wasm: PathBuf) -> PathBuf {
-    let log_path =
-        std::env::temp_dir().join(format!("agentchatd-{name}-build-{}.log", std::process::id()));
-    match run_bounded(cmd, &log_path) {
+    // Cargo's scratch folder for integration tests, so no log is left behind in /tmp.
+    let log_path = Path::new(env!("CARGO_TARGET_TMPDIR"))
+        .join(format!("agentchatd-{name}-build-{}.log", std::process::id()));
+    let built = run_bounded(cmd, &log_path);
+    if built.is_ok() {
+        let _ = std::fs::remove_file(&log_path);
+    }
+    match built {
         Ok(()) => assert!(wasm.is_file(), "the build passed but {} is missing", wasm.display()),
         Err(why) if wasm.is_file() => {
             eprintln!("{name} plugin build failed ({why}); testing the existing {}", wasm.display())
