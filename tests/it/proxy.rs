@@ -78,9 +78,11 @@ impl Proxy {
         self.state.sends.lock().expect("lock").clone()
     }
 
-    /// Waits until a send was forwarded upstream (bounded by the caller's timeout).
-    pub async fn forwarded(&self) {
-        self.state.forwarded.notified().await;
+    /// Completes once a send was forwarded upstream (bound it with a timeout). Call it before
+    /// the send can happen: the future registers at once, so a send forwarded before it is
+    /// first polled still counts (an `async fn` would register only when polled, and miss it).
+    pub fn forwarded(&self) -> tokio::sync::futures::Notified<'_> {
+        self.state.forwarded.notified()
     }
 
     /// From now on, sync requests get no answer until [`Proxy::release_syncs`].
