@@ -146,11 +146,8 @@ impl SendScope {
 
 /// Store data of one call.
 pub(crate) struct CallState {
-    pub(crate) plugin_id: Arc<str>,
-    config: Arc<PluginConfig>,
-    pub(crate) grants: Arc<Grants>,
-    pub(crate) services: HostServices,
-    pub(crate) http: Option<reqwest::Client>,
+    /// The plugin being called: its id, config, grants, services and HTTP client.
+    pub(crate) target: Arc<CallTarget>,
     pub(crate) scope: SendScope,
     /// Proactive sends made in this call, which numbers their derived keys.
     pub(crate) sends_made: u32,
@@ -291,11 +288,7 @@ impl CallState {
         let limits = StoreLimitsBuilder::new().memory_size(target.memory_limit_bytes).build();
 
         CallState {
-            plugin_id: target.id.clone(),
-            config: target.config.clone(),
-            grants: target.grants.clone(),
-            services: target.services.clone(),
-            http: target.http.clone(),
+            target: Arc::clone(target),
             scope,
             sends_made: 0,
             deadline: Instant::now() + budget,
@@ -317,14 +310,14 @@ impl CallState {
             for line in text.lines().filter(|line| !line.trim().is_empty()) {
                 tracing::debug!(
                     target: GUEST_LOG_TARGET,
-                    plugin = %self.plugin_id,
+                    plugin = %self.target.id,
                     stream,
                     "{}",
                     shown(line, MAX_LOG_LINE_BYTES)
                 );
             }
             if dropped > 0 {
-                tracing::debug!(plugin = %self.plugin_id, stream, dropped, "plugin output cut");
+                tracing::debug!(plugin = %self.target.id, stream, dropped, "plugin output cut");
             }
         }
     }
@@ -332,7 +325,7 @@ impl CallState {
     fn report_dropped_logs(&self) {
         if self.log_dropped > 0 {
             tracing::warn!(
-                plugin = %self.plugin_id,
+                plugin = %self.target.id,
                 dropped = self.log_dropped,
                 limit = MAX_LOG_LINES_PER_CALL,
                 "plugin log lines dropped"
@@ -364,7 +357,7 @@ impl agentchat::plugin::log::Host for CallState {
         }
         self.log_lines += 1;
 
-        let plugin = &*self.plugin_id;
+        let plugin = &*self.target.id;
         let msg = shown(&msg, MAX_LOG_LINE_BYTES);
         let fields = render_fields(&fields);
         match level {
@@ -379,14 +372,14 @@ impl agentchat::plugin::log::Host for CallState {
 
 impl agentchat::plugin::config::Host for CallState {
     async fn get(&mut self, key: String) -> Option<String> {
-        self.config.values.get(&key).map(|value| match value {
+        self.target.config.values.get(&key).map(|value| match value {
             serde_json::Value::String(text) => text.clone(),
             other => other.to_string(),
         })
     }
 
     async fn all_json(&mut self) -> String {
-        self.config.json.clone()
+        self.target.config.json.clone()
     }
 }
 

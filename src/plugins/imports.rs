@@ -37,19 +37,19 @@ fn expiry(ttl_ms: Option<u64>) -> Option<i64> {
 
 impl CallState {
     fn kv_allowed(&self, key: &str) -> Result<&crate::store::Store, kv::KvError> {
-        if !self.grants.capabilities.kv {
+        if !self.target.grants.capabilities.kv {
             return Err(kv::KvError::NotGranted);
         }
         if key.len() > KV_MAX_KEY_BYTES {
             return Err(kv::KvError::TooLarge);
         }
-        self.services.store.as_ref().ok_or_else(|| {
+        self.target.services.store.as_ref().ok_or_else(|| {
             kv::KvError::Unavailable("this host has no state store (offline test run)".into())
         })
     }
 
     fn kv_failed(&self, err: &crate::store::StoreError) -> kv::KvError {
-        tracing::warn!(plugin = %self.plugin_id, error = %err, "plugin kv call failed");
+        tracing::warn!(plugin = %self.target.id, error = %err, "plugin kv call failed");
         kv::KvError::Unavailable("the daemon's state store failed; try again later".into())
     }
 }
@@ -57,7 +57,7 @@ impl CallState {
 impl kv::Host for CallState {
     async fn get(&mut self, key: String) -> Result<Option<Vec<u8>>, kv::KvError> {
         let store = self.kv_allowed(&key)?;
-        store.kv_get(&self.plugin_id, &key, now_ms()).await.map_err(|err| self.kv_failed(&err))
+        store.kv_get(&self.target.id, &key, now_ms()).await.map_err(|err| self.kv_failed(&err))
     }
 
     async fn set(
@@ -71,14 +71,14 @@ impl kv::Host for CallState {
 
     async fn delete(&mut self, key: String) -> Result<(), kv::KvError> {
         let store = self.kv_allowed(&key)?;
-        store.kv_delete(&self.plugin_id, &key).await.map_err(|err| self.kv_failed(&err))
+        store.kv_delete(&self.target.id, &key).await.map_err(|err| self.kv_failed(&err))
     }
 
     async fn list_keys(&mut self, prefix: String, limit: u32) -> Result<Vec<String>, kv::KvError> {
         let store = self.kv_allowed(&prefix)?;
         let limit = limit.min(KV_MAX_LIST);
         store
-            .kv_keys(&self.plugin_id, &prefix, limit, now_ms())
+            .kv_keys(&self.target.id, &prefix, limit, now_ms())
             .await
             .map_err(|err| self.kv_failed(&err))
     }
@@ -106,9 +106,9 @@ impl CallState {
         if value.len() > KV_MAX_VALUE_BYTES {
             return Err(kv::KvError::TooLarge);
         }
-        let quota = self.grants.kv_max_bytes;
+        let quota = self.target.grants.kv_max_bytes;
         let written = store
-            .kv_put(&self.plugin_id, &key, value, expected, expiry(ttl_ms), quota, now_ms())
+            .kv_put(&self.target.id, &key, value, expected, expiry(ttl_ms), quota, now_ms())
             .await
             .map_err(|err| self.kv_failed(&err))?;
         match written {
@@ -123,16 +123,16 @@ impl messaging::Host for CallState {
     async fn send(&mut self, msg: wit::NewMessage) -> Result<String, messaging::SendRefusal> {
         use messaging::SendRefusal;
 
-        if !self.grants.capabilities.send {
+        if !self.target.grants.capabilities.send {
             return Err(SendRefusal::NotGranted);
         }
         let Some(trigger) = self.scope.trigger else {
-            tracing::warn!(plugin = %self.plugin_id, "send refused: not allowed in this hook");
+            tracing::warn!(plugin = %self.target.id, "send refused: not allowed in this hook");
             return Err(SendRefusal::LoopDetected);
         };
         if self.scope.hops > MAX_HOPS {
             tracing::warn!(
-                plugin = %self.plugin_id, hops = self.scope.hops,
+                plugin = %self.target.id, hops = self.scope.hops,
                 "send refused: too many hops from the event that started the chain"
             );
             return Err(SendRefusal::LoopDetected);
@@ -182,7 +182,7 @@ impl messaging::Host for CallState {
             None => format!("n:{}", self.sends_made),
         };
         self.sends_made += 1;
-        let key = outbox::plugin_key(&self.plugin_id, &self.scope.cause, &part);
+        let key = outbox::plugin_key(&self.target.id, &self.scope.cause, &part);
         let request = SendRequest {
             to,
             conversation_id,
@@ -191,20 +191,22 @@ impl messaging::Host for CallState {
             content,
         };
         let origin =
-            outbox::plugin_origin(&self.plugin_id, trigger, self.scope.hops, &self.scope.cause);
-        let (Some(store), Some(wake)) = (&self.services.store, &self.services.outbox_wake) else {
+            outbox::plugin_origin(&self.target.id, trigger, self.scope.hops, &self.scope.cause);
+        let (Some(store), Some(wake)) =
+            (&self.target.services.store, &self.target.services.outbox_wake)
+        else {
             return Err(SendRefusal::Unavailable(
                 "this host has no outbox (offline test run)".into(),
             ));
         };
         match store.enqueue(outbox::new_send(key.clone(), &request, origin), now_ms()).await {
             Ok(fresh) => {
-                tracing::debug!(plugin = %self.plugin_id, key, fresh, "plugin queued a send");
+                tracing::debug!(plugin = %self.target.id, key, fresh, "plugin queued a send");
                 wake.notify_one();
                 Ok(key)
             }
             Err(err) => {
-                tracing::warn!(plugin = %self.plugin_id, error = %err, "plugin send not queued");
+                tracing::warn!(plugin = %self.target.id, error = %err, "plugin send not queued");
                 Err(SendRefusal::Unavailable("the daemon's queue failed; try again later".into()))
             }
         }
@@ -214,9 +216,9 @@ impl messaging::Host for CallState {
 impl CallState {
     /// Counts a send against the plugin's per-minute cap.
     fn take_send_slot(&self) -> Result<(), messaging::SendRefusal> {
-        let cap = usize::try_from(self.grants.send_per_minute).unwrap_or(usize::MAX);
-        self.services.send_windows.take(&self.plugin_id, cap, SEND_WINDOW).map_err(|wait| {
-            tracing::warn!(plugin = %self.plugin_id, cap, "send refused: per-minute cap reached");
+        let cap = usize::try_from(self.target.grants.send_per_minute).unwrap_or(usize::MAX);
+        self.target.services.send_windows.take(&self.target.id, cap, SEND_WINDOW).map_err(|wait| {
+            tracing::warn!(plugin = %self.target.id, cap, "send refused: per-minute cap reached");
             messaging::SendRefusal::OverLimit(u64::try_from(wait.as_millis()).unwrap_or(u64::MAX))
         })
     }
@@ -230,10 +232,10 @@ impl history::Host for CallState {
     ) -> Result<Vec<wit::HistoryMessage>, history::HistoryError> {
         use history::HistoryError;
 
-        if !self.grants.capabilities.history {
+        if !self.target.grants.capabilities.history {
             return Err(HistoryError::NotGranted);
         }
-        let Some(api) = &self.services.api else {
+        let Some(api) = &self.target.services.api else {
             return Err(HistoryError::Unavailable("this host has no API client".into()));
         };
         let left = self.deadline.saturating_duration_since(Instant::now());
@@ -328,12 +330,12 @@ impl http::Host for CallState {
     async fn fetch(&mut self, req: http::Request) -> Result<http::Response, http::HttpError> {
         use http::HttpError;
 
-        let Some(client) = self.http.clone() else {
+        let Some(client) = self.target.http.clone() else {
             return Err(HttpError::NotGranted("no host is granted to this plugin".into()));
         };
         let url = reqwest::Url::parse(&req.url)
             .map_err(|err| HttpError::Invalid(format!("url is not absolute: {err}")))?;
-        host_allowed(&url, &self.grants.capabilities.http_allowed_hosts)
+        host_allowed(&url, &self.target.grants.capabilities.http_allowed_hosts)
             .map_err(HttpError::NotGranted)?;
         let method = match req.method.to_ascii_uppercase().as_str() {
             "GET" => reqwest::Method::GET,
@@ -355,7 +357,7 @@ impl http::Host for CallState {
                 .map_err(|_| HttpError::Invalid(format!("header `{name}` has a bad value")))?;
             builder = builder.header(name, value);
         }
-        if let Some(bearer) = &self.grants.http_bearer
+        if let Some(bearer) = &self.target.grants.http_bearer
             && host_allowed(&url, std::slice::from_ref(&bearer.host)).is_ok()
             && !req.headers.iter().any(|(name, _)| name.eq_ignore_ascii_case("authorization"))
         {
@@ -374,7 +376,7 @@ impl http::Host for CallState {
         let left = self.deadline.saturating_duration_since(Instant::now());
         let wanted = req.timeout_ms.map_or(left, |ms| Duration::from_millis(u64::from(ms)));
         let budget = wanted.min(left);
-        let plugin = self.plugin_id.clone();
+        let plugin = self.target.id.clone();
         let exchange = async move {
             let mut response = builder.send().await.map_err(|err| describe(&err))?;
             let status = response.status().as_u16();
